@@ -1,0 +1,25 @@
+import os
+
+import pytest
+
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, so this must run before any
+# kernel module is imported. Without a GPU, kernels run in the (slow) interpreter.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; run with `pytest -m gpu` on the device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
