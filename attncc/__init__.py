@@ -1,0 +1,24 @@
+"""attncc: rewrite the attention (and residual stream) of a torch.compile'd model into another variant.
+
+    compiled = torch.compile(model, backend=attncc.backend("policy.yaml"))
+    print(attncc.explain(model, example_args, "policy.yaml"))
+"""
+
+from attncc.backend import AttnccError, Backend, VerificationError, backend
+from attncc.explain import explain
+from attncc.policy import Policy, PolicyError, dump_policy, load_policy
+from attncc.report import Report, Site
+
+__all__ = [
+    "AttnccError",
+    "Backend",
+    "Policy",
+    "PolicyError",
+    "Report",
+    "Site",
+    "VerificationError",
+    "backend",
+    "dump_policy",
+    "explain",
+    "load_policy",
+]

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the specification of every variant, runnable on any device."""

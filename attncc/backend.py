@@ -1,0 +1,160 @@
+"""The torch.compile backend.
+
+    torch.compile(model, backend=attncc.backend("policy.yaml"))
+    torch.compile(model, backend="attncc", options={"policy": "policy.yaml", "inner": "aot_eager"})
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from attncc.codegen.dispatch import KERNEL_CHOICES
+from attncc.passes.context import Context, Options
+from attncc.passes.pipeline import run_pipeline
+from attncc.policy import Policy, load_policy
+from attncc.report import Report
+
+log = logging.getLogger("attncc")
+
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+OPTION_KEYS = ("policy", "inner", "kernels", "verify", "debug")
+
+
+class AttnccError(RuntimeError):
+    """A problem attncc found in a model or its graph (as opposed to a bad policy)."""
+
+
+class VerificationError(AttnccError):
+    """verify=True found a rewritten graph whose output differs from the original graph's."""
+
+
+class Backend:
+    """A torch.compile backend that rewrites attention sites by a policy, then runs an inner compiler.
+
+    `reports` holds one Report per compiled graph; `report` merges them.
+    """
+
+    def __init__(self, policy: Policy | dict | str | None = None, *, inner: str = "inductor",
+                 kernels: str = "auto", verify: bool = False, debug: bool = False):
+        self.policy = load_policy(policy if policy is not None else {"attention": "keep"})
+        if inner not in INNER_COMPILERS:
+            raise ValueError(f"inner={inner!r} is not an inner compiler; valid: {', '.join(INNER_COMPILERS)}")
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
+        self.options = Options(inner=inner, kernels=kernels, verify=bool(verify), debug=bool(debug))
+        self.reports: list[Report] = []
+
+    @property
+    def report(self) -> Report:
+        merged = Report(policy=self.policy.name, graphs=len(self.reports))
+        for r in self.reports:
+            merged.sites.extend(r.sites)
+            for key, n in r.pattern_hits.items():
+                merged.pattern_hits[key] = merged.pattern_hits.get(key, 0) + n
+        return merged
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+        original = copy.deepcopy(gm) if self.options.verify else None
+        ctx = Context(gm=gm, example_inputs=list(example_inputs), policy=self.policy, options=self.options,
+                      graph_index=len(self.reports))
+        ctx.report.policy = self.policy.name
+        ctx.report.graphs = 1
+        gm = run_pipeline(ctx)
+        self.reports.append(ctx.report)
+        _warn_if_nothing_found(ctx, self.policy)
+        compiled = _inner_compile(self.options.inner, gm, example_inputs)
+        if original is not None and ctx.report.count("rewritten"):
+            return _verifying(compiled, original, ctx.report)
+        return compiled
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
+        return f"attncc.backend({self.policy.name!r}, {fields})"
+
+
+def backend(policy: Policy | dict | str | None = None, **options: Any) -> Backend:
+    """Build the backend. Options: inner (inductor | aot_eager | eager), kernels (auto | triton |
+    reference), verify (check rewritten sites against the original graph on the first call), debug."""
+    _check_option_keys(options, allow_policy=False)
+    return Backend(policy, **options)
+
+
+def registered_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
+    """Entry point for `torch.compile(model, backend="attncc", options={"policy": ..., ...})`."""
+    options = dict(options or {})
+    _check_option_keys(options, allow_policy=True)
+    policy = options.pop("policy", None)
+    return Backend(policy, **options)(gm, example_inputs)
+
+
+def _check_option_keys(options: dict, allow_policy: bool) -> None:
+    valid = OPTION_KEYS if allow_policy else OPTION_KEYS[1:]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown attncc option(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
+
+
+def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _warn_if_nothing_found(ctx: Context, policy: Policy) -> None:
+    if ctx.report.attention() or ctx.graph_index > 0:
+        return
+    wants = policy.attention.default.variant != "keep" or any(r.use.variant != "keep" for r in policy.attention.rules)
+    if wants:
+        warnings.warn(
+            "attncc found no attention in this graph; nothing was rewritten. "
+            "Run attncc.explain(model, args, policy) to see what the matcher saw.",
+            stacklevel=3,
+        )
+
+
+def _verifying(compiled: Callable, original: fx.GraphModule, report: Report) -> Callable:
+    state = {"checked": False}
+
+    def run(*args):
+        if state["checked"]:
+            return compiled(*args)
+        state["checked"] = True
+        with torch.no_grad():
+            expected = original(*[a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args])
+        out = compiled(*args)
+        _compare(out, expected, report)
+        return out
+
+    return run
+
+
+def _compare(out: Any, expected: Any, report: Report) -> None:
+    outs = torch.utils._pytree.tree_leaves(out)
+    exps = torch.utils._pytree.tree_leaves(expected)
+    for i, (a, b) in enumerate(zip(outs, exps)):
+        if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+            continue
+        a, b = a.detach().float(), b.detach().float()
+        tol = 1e-4 if a.dtype == torch.float32 and b.dtype == torch.float32 else 2e-2
+        err = (a - b).abs().max().item() if a.numel() else 0.0
+        scale = b.abs().max().item() if b.numel() else 0.0
+        if not err <= tol * max(1.0, scale):
+            rewritten = [f"{s.module} ({s.variant})" for s in report.sites if s.status == "rewritten"]
+            raise VerificationError(
+                f"verify: output {i} of the rewritten graph differs from the original graph by {err:.3g} "
+                f"(tolerance {tol * max(1.0, scale):.3g}). Rewritten sites: {', '.join(rewritten)}. "
+                "Rerun with kernels='reference' to tell a kernel bug from a rewrite bug."
+            )

@@ -1,0 +1,52 @@
+"""Reference softmax attention: the math every matched site computes (VARIANTS.md §1).
+
+o_i = Σ_j softmax_j(scale · q_i·k_j + bias_ij) v_j, with the causal set j <= i (top-left aligned,
+as in SDPA's is_causal) and an optional mask: boolean (True = attend) or additive (float).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, heads, T, D]: query head h reads kv head h // (heads // Hkv)."""
+    kv_heads = x.shape[-3]
+    if kv_heads == heads:
+        return x
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads evenly")
+    return x.repeat_interleave(heads // kv_heads, dim=-3)
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | torch.Tensor,
+    causal: bool = False,
+    mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """q [..., H, Tq, D], k [..., Hkv, Tk, D], v [..., Hkv, Tk, Dv] -> [..., H, Tq, Dv] in q's dtype.
+
+    Scores, softmax and the weighted sum run in fp32.
+    """
+    heads = q.shape[-3]
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if causal:
+        tq, tk = scores.shape[-2], scores.shape[-1]
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, v.float()).to(q.dtype)

@@ -1,0 +1,281 @@
+"""Find attention sites, classify their masks, choose variants, rewrite."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from attncc.codegen import dispatch
+from attncc.patterns.attention import (
+    AttentionMatch,
+    NoMatch,
+    TransposeOf,
+    is_sdpa,
+    is_softmax_last_dim,
+    match_sdpa,
+    match_softmax_chain,
+)
+from attncc.patterns.masks import CAUSAL, NONE, OTHER, MaskKind, allowed_from_bias, classify
+from attncc.report import Site
+
+from .context import Context, SiteState
+from .graph import ancestors, evaluate, layer_of, meta_value, owning_module, shape_of, static_int
+
+
+def find_attention(ctx: Context) -> None:
+    """Match every SDPA call and every softmax over the last dim; record a site for each."""
+    for node in list(ctx.gm.graph.nodes):
+        if is_sdpa(node):
+            matcher = match_sdpa
+        elif is_softmax_last_dim(node):
+            matcher = match_softmax_chain
+        else:
+            continue
+        try:
+            match = matcher(node)
+        except NoMatch as miss:
+            if matcher is match_sdpa or _looks_like_attention(node):
+                ctx.add_site(_unsupported_site(node, matcher, str(miss)), None)
+            ctx.misses.append((node.name, str(miss)))
+            continue
+        ctx.add_site(_site_from_match(match), match)
+        ctx.count(match.pattern)
+    _number_layers(ctx)
+
+
+def _looks_like_attention(softmax: fx.Node) -> bool:
+    """A softmax whose input has [.., T, T']-shaped scores computed from a product of activations."""
+    from attncc.patterns.attention import _reaches_scores
+
+    return _reaches_scores(softmax.args[0])
+
+
+def _unsupported_site(node: fx.Node, matcher, reason: str) -> Site:
+    module, _ = owning_module(node)
+    pattern = "sdpa_attention" if matcher is match_sdpa else "softmax_attention"
+    return Site(kind="attention", module=module, layer=layer_of(module), pattern=pattern,
+                status="unsupported", reason=reason, mask="?")
+
+
+def _site_from_match(match: AttentionMatch) -> Site:
+    module, _ = owning_module(match.anchor)
+    q_src, k_src = _projection_input(match.q), _projection_input(match.k)
+    cross = (match.q_len is not None and match.kv_len is not None and match.q_len != match.kv_len) or (
+        q_src is not None and k_src is not None and q_src is not k_src
+    )
+    scale = match.scale
+    if scale is None and match.head_dim:
+        scale = 1.0 / math.sqrt(match.head_dim)
+    return Site(
+        kind="attention",
+        module=module,
+        layer=layer_of(module),
+        pattern=match.pattern,
+        heads=match.heads,
+        kv_heads=match.kv_heads,
+        head_dim=match.head_dim,
+        scale=scale if isinstance(scale, float) else None,
+        dropout=match.dropout_p,
+        cross=cross,
+    )
+
+
+def _projection_input(node: Any, depth: int = 24) -> fx.Node | None:
+    """The activation a q/k tensor was projected from (the input of its nearest linear)."""
+    if isinstance(node, TransposeOf):
+        node = node.node
+    seen = 0
+    todo = [node]
+    while todo and seen < depth:
+        n = todo.pop(0)
+        seen += 1
+        if not isinstance(n, fx.Node):
+            continue
+        if n.op == "call_function" and n.target is torch._C._nn.linear:
+            return n.args[0]
+        todo.extend(n.all_input_nodes)
+    return None
+
+
+def _number_layers(ctx: Context) -> None:
+    """Sites whose module path has no index are numbered in graph order, after the indexed ones."""
+    states = [s for s in ctx.sites if s.site.kind == "attention"]
+    if all(s.site.layer is not None for s in states):
+        return
+    taken = {s.site.layer for s in states if s.site.layer is not None}
+    nxt = max(taken, default=-1) + 1
+    for state in states:
+        if state.site.layer is None:
+            state.site.layer = nxt
+            nxt += 1
+
+
+def classify_masks(ctx: Context) -> None:
+    """Decide each site's mask kind from the mask's values on the example inputs."""
+    for state in ctx.sites:
+        match = state.match
+        if match is None:
+            continue
+        kind = _classify(ctx, match)
+        if match.is_causal:
+            kind = CAUSAL if kind == NONE else OTHER
+        state.mask = kind
+        state.site.mask = str(kind)
+        state.site.causal = kind.causal
+        if state.site.cross and kind.causal:
+            state.site.cross = False
+
+
+def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
+    if match.pattern == "sdpa_attention":
+        if match.attn_mask is None:
+            return NONE
+        if not isinstance(match.attn_mask, fx.Node):
+            return OTHER
+        target, seed = match.attn_mask, {}
+    else:
+        if not match.has_mask_ops:
+            return NONE
+        s_shape = shape_of(match.scores)
+        concrete = [static_int(d) for d in s_shape]
+        if any(d is None for d in concrete):
+            return OTHER
+        value = meta_value(match.scores)
+        target = match.logits
+        seed = {match.scores: torch.zeros(concrete, dtype=value.dtype, device=value.device)}
+    bias = ctx.evaluate(target, seed)
+    if bias is None:
+        return OTHER
+    allowed, pure = allowed_from_bias(bias)
+    return classify(allowed, pure)
+
+
+def choose_variants(ctx: Context) -> None:
+    """Apply the policy: each site gets the variant of the first matching rule, else the default."""
+    from attncc.policy import check_sites
+
+    attention = [s for s in ctx.sites if s.site.kind == "attention"]
+    layers = [s.site.layer for s in attention if s.site.layer is not None]
+    if attention:
+        check_sites(ctx.policy, [(s.site.module, s.site.layer) for s in attention], max(layers, default=0) + 1)
+    for state in attention:
+        variant, _ = ctx.policy.choose(state.site.module, state.site.layer)
+        state.variant = variant
+        state.site.variant = variant.variant
+        state.site.params = variant.params()
+
+
+REWRITERS: dict[str, Any] = {}
+
+
+def rewrite_attention(ctx: Context) -> None:
+    """Replace each chosen site by its variant's op; sites kept or refused stay as they are."""
+    for state in ctx.sites:
+        if state.match is None or state.variant is None:
+            continue
+        name = state.variant.variant
+        if name == "keep":
+            state.site.status, state.site.reason = "kept", "policy: keep"
+            continue
+        rewriter = REWRITERS.get(name)
+        if rewriter is None:
+            state.site.status = "unsupported"
+            state.site.reason = f"variant '{name}' has no rewrite yet; site left unchanged"
+            continue
+        refusal = rewriter(ctx, state)
+        if refusal:
+            state.site.status, state.site.reason = "unsupported", refusal
+        else:
+            state.site.status = "rewritten"
+    ctx.gm.graph.eliminate_dead_code()
+    ctx.gm.graph.lint()
+
+
+def rewrite_softmax(ctx: Context, state: SiteState) -> str | None:
+    match, kind = state.match, state.mask
+    graph = ctx.gm.graph
+    with graph.inserting_before(match.output):
+        k = match.k
+        if isinstance(k, TransposeOf):
+            k = _new(graph, torch.transpose, (k.node, -2, -1), like=k.node)
+        scale = _scale_node(graph, match)
+        mask = None
+        causal = kind.causal
+        if kind not in (NONE, CAUSAL):
+            mask = _mask_node(graph, match)
+            causal = False
+        new = graph.call_function(
+            dispatch.softmax_site,
+            (match.q, k, match.v, mask, scale),
+            {"causal": causal, "dropout_p": match.dropout_p, "kernels": ctx.options.kernels},
+        )
+    new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace") if key in match.output.meta})
+    match.output.replace_all_uses_with(new)
+    state.site.kernel = "reference"
+    return None
+
+
+REWRITERS["softmax"] = rewrite_softmax
+
+
+def _scale_node(graph: fx.Graph, match: AttentionMatch):
+    scale = match.scale
+    if scale is None:
+        return 1.0 / math.sqrt(match.head_dim) if match.head_dim else _dynamic_default_scale(graph, match)
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if isinstance(scale, fx.Node):
+        return scale
+    value, *terms = scale
+    out: Any = float(value)
+    for term in terms:
+        if isinstance(term, tuple):
+            out = _new(graph, operator.truediv, (out, term[1])) if isinstance(out, fx.Node) else _new(graph, torch.div, (out, term[1]))
+        else:
+            out = _new(graph, operator.mul, (term, out))
+    return out
+
+
+def _dynamic_default_scale(graph: fx.Graph, match: AttentionMatch):
+    raise NoMatch("head dim is symbolic and no scale is given")
+
+
+def _mask_node(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
+    """The site's mask as one tensor: SDPA's attn_mask, or the chain's mask ops applied to zeros."""
+    if match.pattern == "sdpa_attention":
+        return match.attn_mask
+    zeros = _new(graph, torch.zeros_like, (match.scores,), like=match.scores)
+    env = {match.scores: zeros}
+    for node in reversed(match.score_ops):
+        env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+    return env[match.logits]
+
+
+def _new(graph: fx.Graph, target, args, like: fx.Node | None = None) -> fx.Node:
+    node = graph.call_function(target, args)
+    if like is not None and isinstance(like, fx.Node):
+        node.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+    return node
+
+
+def evaluate_mask(ctx: Context, target: fx.Node, seed: dict) -> torch.Tensor | None:
+    """Evaluate a mask sub-graph on the example inputs; None when that is not possible or too costly."""
+    needed = ancestors([target], stop=set(seed)) - set(seed)
+    for node in needed:
+        if node.op == "call_function" and node.target in _HEAVY:
+            return None
+        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
+            return None
+    try:
+        (value,) = evaluate([target], ctx.placeholder_values(), seed)
+    except Exception:
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+_HEAVY = {torch._C._nn.linear, torch.matmul, torch.conv1d, torch.conv2d, torch.nn.functional.embedding}

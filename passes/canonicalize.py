@@ -1,0 +1,351 @@
+"""One spelling per operation, so that patterns need one form per meaning (STYLE.md point 3).
+
+Dynamo graphs hold torch-level calls in every spelling a model author used: `q @ k.mT`,
+`torch.einsum("bhqd,bhkd->bhqk", q, k)`, `q.matmul(k.permute(0, 1, 3, 2))`, `x.softmax(-1)`,
+`x / 8`, `x.float()`, ... Each rule below maps one family of spellings onto a canonical call:
+
+    matmul      torch.matmul(a, b)
+    transpose   torch.transpose(x, -2, -1)        (negative dims, smaller first)
+    permute     torch.permute(x, dims)            (a pure swap of the last two dims is a transpose)
+    softmax     F.softmax(x, dim=-1, dtype=None)  (negative dim)
+    scale       operator.mul(x, c)                (x / c with a Python number c becomes x * (1/c))
+    add         operator.add(x, y)
+    cast        Tensor.to(x, dtype)               (.float(), .half(), .type_as(y), .to(...))
+    dropout     F.dropout(x, p, training)
+    masked_fill torch.masked_fill(x, mask, value)
+    identity    contiguous(), clone() and same-dtype casts are removed
+
+A rule is a function `(node) -> Canonical | None`; the rules live in one table, RULES.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .graph import meta_value, ndim_of
+
+
+@dataclass(frozen=True)
+class Canonical:
+    target: Callable
+    args: tuple
+    kwargs: dict
+    op: str = "call_function"
+
+
+def _call(target, *args, **kwargs) -> Canonical:
+    return Canonical(target, args, kwargs)
+
+
+def _neg_dim(dim: int, ndim: int | None) -> int:
+    if dim < 0 or ndim is None:
+        return dim
+    return dim - ndim
+
+
+def _dtype_of(node) -> torch.dtype | None:
+    value = meta_value(node)
+    return getattr(value, "dtype", None)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def matmul(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    return _call(torch.matmul, *node.args)
+
+
+def transpose(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 3:
+        return None
+    x, d0, d1 = node.args
+    if not (isinstance(d0, int) and isinstance(d1, int)):
+        return None
+    nd = ndim_of(x)
+    d0, d1 = sorted((_neg_dim(d0, nd), _neg_dim(d1, nd)))
+    return _call(torch.transpose, x, d0, d1)
+
+
+def matrix_transpose(node: fx.Node) -> Canonical | None:
+    """`x.mT` (getattr), `x.t()` on a matrix, `x.swapaxes(-1, -2)`."""
+    x = node.args[0]
+    return _call(torch.transpose, x, -2, -1)
+
+
+def getattr_mT(node: fx.Node) -> Canonical | None:
+    if len(node.args) == 2 and node.args[1] == "mT":
+        return matrix_transpose(node)
+    return None
+
+
+def permute(node: fx.Node) -> Canonical | None:
+    x, *dims = node.args
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if "dims" in node.kwargs:
+        dims = list(node.kwargs["dims"])
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return None
+    nd = len(dims)
+    dims = [d % nd for d in dims]
+    swap_last_two = list(range(nd - 2)) + [nd - 1, nd - 2]
+    if nd >= 2 and dims == swap_last_two:
+        return _call(torch.transpose, x, -2, -1)
+    return _call(torch.permute, x, tuple(dims))
+
+
+def softmax(node: fx.Node) -> Canonical | None:
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    x = args.pop(0) if args else kwargs.pop("input", None)
+    dim = args.pop(0) if args else kwargs.pop("dim", None)
+    if args:  # F.softmax(x, dim, _stacklevel, dtype) is never spelled positionally in practice
+        return None
+    dtype = kwargs.pop("dtype", None)
+    kwargs.pop("_stacklevel", None)
+    if kwargs or not isinstance(dim, int):
+        return None
+    return _call(F.softmax, x, dim=_neg_dim(dim, ndim_of(x)), dtype=dtype)
+
+
+def _scalar_first(a, b):
+    """Put the tensor operand first for commutative ops."""
+    if isinstance(a, fx.Node) or not isinstance(b, fx.Node):
+        return a, b
+    return b, a
+
+
+def mul(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    return _call(operator.mul, *_scalar_first(*node.args))
+
+
+def add(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    return _call(operator.add, *_scalar_first(*node.args))
+
+
+def div(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    x, c = node.args
+    if isinstance(x, fx.Node) and _is_number(c) and c != 0:
+        return _call(operator.mul, x, 1.0 / c)
+    if isinstance(x, fx.Node):
+        return _call(operator.truediv, x, c)
+    return None
+
+
+def cast(node: fx.Node) -> Canonical | None:
+    """Casts that change only the dtype become `to(x, dtype)`; others are left alone."""
+    x = node.args[0]
+    out, src = _dtype_of(node), _dtype_of(x)
+    if out is None or src is None:
+        return None
+    value, inp = meta_value(node), meta_value(x)
+    if getattr(value, "device", None) != getattr(inp, "device", None):
+        return None
+    return Canonical("to", (x, out), {}, op="call_method")
+
+
+def dropout(node: fx.Node) -> Canonical | None:
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    x = args.pop(0)
+    p = args.pop(0) if args else kwargs.pop("p", 0.5)
+    training = args.pop(0) if args else kwargs.pop("training", True)
+    inplace = args.pop(0) if args else kwargs.pop("inplace", False)
+    if args or kwargs or inplace:
+        return None
+    return _call(F.dropout, x, p, training)
+
+
+def masked_fill(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 3 or node.kwargs:
+        return None
+    return _call(torch.masked_fill, *node.args)
+
+
+def method_where(node: fx.Node) -> Canonical | None:
+    """`x.where(cond, y)` is `torch.where(cond, x, y)`."""
+    if len(node.args) != 3 or node.kwargs:
+        return None
+    x, cond, y = node.args
+    return _call(torch.where, cond, x, y)
+
+
+def einsum(node: fx.Node) -> Canonical | None:
+    """Two-operand einsums that are a batched matmul, e.g. "bhqd,bhkd->bhqk" or "...id,...jd->...ij".
+
+    Rewritten as matmul of (possibly transposed) operands; the transposes are inserted by the pass.
+    """
+    if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)):
+        equation, operands = node.args[0], tuple(node.args[1])
+    else:
+        equation, operands = node.args[0], tuple(node.args[1:])
+    if node.kwargs or len(operands) != 2 or not isinstance(equation, str):
+        return None
+    plan = einsum_as_matmul(equation)
+    if plan is None:
+        return None
+    return Canonical("einsum_matmul", (plan, *operands), {})
+
+
+def einsum_as_matmul(equation: str) -> tuple[bool, bool] | None:
+    """(transpose_a, transpose_b) such that einsum == matmul(a', b'), or None."""
+    equation = equation.replace(" ", "").replace("...", "*")
+    if "->" not in equation:
+        return None
+    lhs, out = equation.split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if len(a) < 2 or len(b) < 2 or len(out) < 2 or a[:-2] != b[:-2] or out[:-2] != a[:-2]:
+        return None
+    if len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    batch = set(a[:-2])
+    a2, b2, (i, j) = a[-2:], b[-2:], out[-2:]
+    shared = (set(a2) & set(b2)) - batch
+    if len(shared) != 1:
+        return None
+    (c,) = shared
+    if set(a2) != {i, c} or set(b2) != {j, c} or i == j:
+        return None
+    return (a2 != i + c, b2 != c + j)
+
+
+_METHOD_RULES: dict[str, Callable[[fx.Node], Canonical | None]] = {
+    "matmul": matmul,
+    "bmm": matmul,
+    "__matmul__": matmul,
+    "transpose": transpose,
+    "swapaxes": transpose,
+    "swapdims": transpose,
+    "permute": permute,
+    "softmax": softmax,
+    "mul": mul,
+    "__mul__": mul,
+    "add": add,
+    "__add__": add,
+    "div": div,
+    "__truediv__": div,
+    "float": cast,
+    "half": cast,
+    "bfloat16": cast,
+    "double": cast,
+    "type_as": cast,
+    "to": cast,
+    "type": cast,
+    "dropout": dropout,
+    "masked_fill": masked_fill,
+    "where": method_where,
+}
+
+_FUNCTION_RULES: dict[Any, Callable[[fx.Node], Canonical | None]] = {
+    operator.matmul: matmul,
+    torch.bmm: matmul,
+    torch.transpose: transpose,
+    torch.swapaxes: transpose,
+    torch.permute: permute,
+    torch.softmax: softmax,
+    torch.nn.functional.softmax: softmax,
+    operator.mul: mul,
+    torch.mul: mul,
+    operator.add: add,
+    torch.add: add,
+    operator.truediv: div,
+    torch.div: div,
+    torch.true_divide: div,
+    torch.dropout: dropout,
+    F.dropout: dropout,
+    torch.masked_fill: masked_fill,
+    torch.einsum: einsum,
+    getattr: getattr_mT,
+}
+
+_IDENTITY_METHODS = {"contiguous"}
+
+
+def _rule_for(node: fx.Node):
+    if node.op == "call_method":
+        if node.target == "t" and ndim_of(node.args[0]) == 2:
+            return matrix_transpose
+        return _METHOD_RULES.get(node.target)
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+def _is_identity(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in _IDENTITY_METHODS and len(node.args) == 1 and not node.kwargs:
+        return True
+    if node.op == "call_method" and node.target == "to" and len(node.args) == 2:
+        src, dst = meta_value(node.args[0]), meta_value(node)
+        return (
+            isinstance(src, torch.Tensor)
+            and isinstance(dst, torch.Tensor)
+            and src.dtype == dst.dtype
+            and src.device == dst.device
+        )
+    return False
+
+
+def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
+    """Rewrite every node into its canonical spelling in place. Returns hit counts per rule."""
+    hits: dict[str, int] = {}
+    graph = gm.graph
+    for node in list(graph.nodes):
+        rule = _rule_for(node)
+        if rule is None:
+            continue
+        canon = rule(node)
+        if canon is None:
+            continue
+        if canon.target == "einsum_matmul":
+            _replace_einsum(graph, node, *canon.args)
+        else:
+            node.op, node.target = canon.op, canon.target
+            node.args, node.kwargs = canon.args, canon.kwargs
+        hits[rule.__name__] = hits.get(rule.__name__, 0) + 1
+    for node in list(graph.nodes):
+        if _is_identity(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            hits["identity"] = hits.get("identity", 0) + 1
+    graph.lint()
+    return hits
+
+
+def _replace_einsum(graph: fx.Graph, node: fx.Node, plan, a, b) -> None:
+    transpose_a, transpose_b = plan
+    with graph.inserting_before(node):
+        if transpose_a:
+            a = _transposed(graph, a)
+        if transpose_b:
+            b = _transposed(graph, b)
+    node.target, node.args, node.kwargs = torch.matmul, (a, b), {}
+
+
+def _transposed(graph: fx.Graph, x: fx.Node) -> fx.Node:
+    t = graph.call_function(torch.transpose, (x, -2, -1))
+    value = meta_value(x)
+    if isinstance(value, torch.Tensor):
+        t.meta["example_value"] = value.transpose(-2, -1)
+    t.meta["nn_module_stack"] = x.meta.get("nn_module_stack", {})
+    return t

@@ -1,0 +1,138 @@
+"""Small helpers over dynamo FX graphs: example values, module paths, sub-graph evaluation."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import torch
+import torch.fx as fx
+
+
+def meta_value(node: Any) -> Any:
+    """The example value dynamo recorded for a node (a FakeTensor, SymInt, ...), or the constant."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("example_value", node.meta.get("val"))
+    return node
+
+
+def shape_of(node: Any) -> tuple | None:
+    value = meta_value(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def ndim_of(node: Any) -> int | None:
+    value = meta_value(node)
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    value = meta_value(node)
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def static_int(x: Any) -> int | None:
+    """An int for a concrete or hinted symbolic size, else None."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            return int(x.node.hint) if x.node.hint is not None else None
+        except Exception:
+            return None
+    return None
+
+
+_PATH_CLEAN = re.compile(r"^L\['(?:self|fn|mod|model)'\]\.?")
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, type]]:
+    """(path, class) of the modules a node was traced inside, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        path = _PATH_CLEAN.sub("", path)
+        path = re.sub(r"\[(\d+)\]", r".\1", path)
+        path = re.sub(r"\['([^']+)'\]", r".\1", path).strip(".")
+        out.append((path, cls))
+    return out
+
+
+_LEAF_MODULES = ("Dropout", "Softmax", "Linear", "Identity", "Conv1D")
+
+
+def owning_module(node: fx.Node) -> tuple[str, type | None]:
+    """The innermost module around a node that is not a leaf op module (Dropout, Softmax, ...)."""
+    for path, cls in reversed(module_stack(node)):
+        if not cls.__name__.endswith(_LEAF_MODULES):
+            return path, cls
+    return "", None
+
+
+_LAYER = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_of(path: str) -> int | None:
+    """The first integer component of a module path: "model.layers.3.self_attn" -> 3."""
+    match = _LAYER.search(path)
+    return int(match.group(1)) if match else None
+
+
+def is_parameter_placeholder(node: Any) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "placeholder"
+        and ("_parameters_" in node.name or "_buffers_" in node.name)
+    )
+
+
+def ancestors(nodes: Iterable[fx.Node], stop: set[fx.Node] = frozenset()) -> set[fx.Node]:
+    """Every node the given nodes depend on (inclusive), not walking past `stop`."""
+    seen: set[fx.Node] = set()
+    todo = [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in stop:
+            continue
+        todo.extend(node.all_input_nodes)
+    return seen
+
+
+def evaluate(
+    outputs: list[fx.Node],
+    placeholders: dict[fx.Node, Any],
+    seed: dict[fx.Node, Any] | None = None,
+) -> list[Any]:
+    """Run the nodes needed for `outputs` on concrete values.
+
+    `placeholders` gives real values for graph inputs; `seed` fixes chosen nodes to given values
+    (the walk stops there). Raises LookupError when a needed placeholder has no value.
+    """
+    env: dict[fx.Node, Any] = dict(seed or {})
+    needed = ancestors(outputs, stop=set(env))
+    graph = outputs[0].graph
+    for node in graph.nodes:
+        if node not in needed or node in env:
+            continue
+        if node.op == "placeholder":
+            if node not in placeholders:
+                raise LookupError(node.name)
+            env[node] = placeholders[node]
+            continue
+        args = fx.node.map_arg(node.args, lambda n: env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
+        if node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        elif node.op == "get_attr":
+            target = graph.owning_module
+            for part in node.target.split("."):
+                target = getattr(target, part)
+            env[node] = target
+        else:
+            raise LookupError(f"cannot evaluate {node.op} {node.target}")
+    return [env[n] for n in outputs]

@@ -1,0 +1,75 @@
+"""The compile pipeline: named passes over the dynamo FX graph, in order, each with its reason.
+
+    PASSES                what it does, and why it comes where it does
+    canonicalize          one spelling per op, so each pattern has one form per meaning
+    find_attention        match SDPA calls and softmax(q·kᵀ)·v chains; report every near-miss
+    classify_masks        evaluate each site's mask, so causal masks built in the graph become causal=True
+    choose_variants       apply the policy (first matching rule wins); needs layers and modules from matching
+    rewrite_attention     replace chosen sites with their variant's op; refused sites stay unchanged
+
+The rewritten graph then goes to the inner compiler (Inductor by default). With debug on
+(`attncc.backend(..., debug=True)` or ATTNCC_DEBUG=1), each pass's graph is dumped before and after
+to ATTNCC_DEBUG_DIR (default ./attncc_debug).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch.fx as fx
+
+from .attention import choose_variants, classify_masks, find_attention, rewrite_attention
+from .canonicalize import canonicalize
+from .context import Context
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[Context], None]
+    why: str
+
+
+def _canonicalize(ctx: Context) -> None:
+    for rule, hits in canonicalize(ctx.gm).items():
+        ctx.report.pattern_hits[f"canonicalize.{rule}"] = ctx.report.pattern_hits.get(f"canonicalize.{rule}", 0) + hits
+
+
+PASSES: tuple[Pass, ...] = (
+    Pass("canonicalize", _canonicalize, "one spelling per op, so each pattern has one form per meaning"),
+    Pass("find_attention", find_attention, "match attention sites; report near-misses with a reason"),
+    Pass("classify_masks", classify_masks, "a causal mask built in the graph becomes causal=True"),
+    Pass("choose_variants", choose_variants, "the policy needs each site's module and layer"),
+    Pass("rewrite_attention", rewrite_attention, "replace chosen sites; refused sites stay unchanged"),
+)
+
+
+def run_pipeline(ctx: Context) -> fx.GraphModule:
+    debug_dir = _debug_dir(ctx)
+    for index, p in enumerate(PASSES):
+        if debug_dir:
+            _dump(debug_dir, ctx, index, p.name, "before")
+        p.run(ctx)
+        ctx.gm.graph.lint()
+        if debug_dir:
+            _dump(debug_dir, ctx, index, p.name, "after")
+    ctx.gm.recompile()
+    for state in ctx.sites:
+        ctx.report.sites.append(state.site)
+    return ctx.gm
+
+
+def _debug_dir(ctx: Context) -> Path | None:
+    if not (ctx.options.debug or os.environ.get("ATTNCC_DEBUG") == "1"):
+        return None
+    path = Path(os.environ.get("ATTNCC_DEBUG_DIR", "attncc_debug"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _dump(directory: Path, ctx: Context, index: int, name: str, when: str) -> None:
+    path = directory / f"graph{ctx.graph_index}_{index:02d}_{name}_{when}.txt"
+    path.write_text(str(ctx.gm.graph))

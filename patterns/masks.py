@@ -1,0 +1,94 @@
+"""Classify an attention mask from its values: none, causal, sliding_window(w), padding, combinations, other.
+
+The mask is whatever a site adds to (or fills into) its scores, evaluated on the example inputs as a
+boolean "may attend" tensor [B', H', Tq, Tk]. Classification tests it against the structural
+candidates (all, causal, causal window w) combined with a per-key padding vector read off the mask
+itself (a key is padding when no query attends to it). For a graph compiled with symbolic sizes
+the caller evaluates the mask at more than one length and requires the same answer each time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MaskKind:
+    kind: str  # none | causal | sliding_window | padding | causal+padding | sliding_window+padding | other
+    window: int | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.kind.startswith(("causal", "sliding_window"))
+
+    @property
+    def padding(self) -> bool:
+        return self.kind.endswith("padding")
+
+    def __str__(self) -> str:
+        if self.kind.startswith("sliding_window"):
+            return self.kind.replace("sliding_window", f"sliding_window({self.window})")
+        return self.kind
+
+
+NONE = MaskKind("none")
+CAUSAL = MaskKind("causal")
+OTHER = MaskKind("other")
+
+
+def allowed_from_bias(bias: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(may-attend bool tensor, whether the allowed entries add exactly zero) of an additive or bool mask."""
+    if bias.dtype == torch.bool:
+        return bias, True
+    bias = bias.float()
+    floor = torch.finfo(torch.float16).min / 2  # finfo(dtype).min of any float dtype, and -inf
+    allowed = bias > floor
+    return allowed, bool((bias[allowed] == 0).all())
+
+
+def classify(allowed: torch.Tensor, pure: bool = True) -> MaskKind:
+    """Classify a boolean may-attend tensor broadcastable to [B, H, Tq, Tk]."""
+    if not pure:
+        return OTHER
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    if allowed.dim() > 4:
+        return OTHER
+    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+        return OTHER
+    allowed = allowed[:, 0]  # [B', Tq, Tk]
+    tq, tk = allowed.shape[-2:]
+    keys = allowed.any(dim=-2)  # [B', Tk]: a key nobody attends is padding
+    padded = not bool(keys.all())
+    i = torch.arange(tq, device=allowed.device)[:, None]
+    j = torch.arange(tk, device=allowed.device)[None, :]
+    suffix = "+padding" if padded else ""
+
+    def same(structure: torch.Tensor) -> bool:
+        expected = structure[None] & keys[:, None, :]
+        return bool((allowed == expected).all())
+
+    if same(torch.ones(tq, tk, dtype=torch.bool, device=allowed.device)):
+        return MaskKind("padding") if padded else NONE
+    if tq != tk:
+        return OTHER
+    causal = j <= i
+    if same(causal):
+        return MaskKind("causal" + suffix)
+    inside = allowed & causal[None]
+    if not bool(inside.any()):
+        return OTHER
+    distance = (i - j).expand(tq, tk)[None].expand_as(inside)
+    window = int(distance[inside].max()) + 1
+    if same(causal & (i - j < window)):
+        return MaskKind("sliding_window" + suffix, window)
+    return OTHER
+
+
+def key_padding_of(allowed: torch.Tensor) -> torch.Tensor:
+    """[B', Tk] True for real keys, read off a may-attend mask of a padding kind."""
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed[:, 0].any(dim=-2)
