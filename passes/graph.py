@@ -43,7 +43,7 @@ def static_int(x: Any) -> int | None:
     return None
 
 
-_PATH_CLEAN = re.compile(r"^L\['(?:self|fn|mod|model)'\]\.?")
+_PATH_CLEAN = re.compile(r"^[LG]\['[^']+'\](?:\[\d+\])*\.?")  # the traced root: L['self'], L['args'][0], G['model']
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, type]]:

@@ -1,4 +1,7 @@
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
 
 import pytest
 
@@ -23,3 +26,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch: dynamo's per-code-object cache would otherwise hit its
+    recompile limit across the many model instances of one class and silently fall back to eager."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield

@@ -65,7 +65,9 @@ def check_against_naive(reference, naive, q, k, v, tol=1e-4):
     pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
     for name, actual, want in pairs:
         scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def elu1(x):
@@ -155,7 +157,8 @@ def test_decay_matches_masked_decay_matrix(B, H, Hkv, T, D, Dv, pad, normalize, 
 def test_taylor2_identity():
     """§3.1 / §10.3 item 5: φ(x)·φ(y) = 1 + s + s²/2, s = x·y/√d', feature size 273 for d' = 16."""
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(5, 16, generator=g, dtype=torch.float64), torch.randn(7, 16, generator=g, dtype=torch.float64)
+    x = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 16, generator=g, dtype=torch.float64)
     fx, fy = feature_map(x, "taylor2"), feature_map(y, "taylor2")
     assert fx.shape == (5, 273)
     s = x @ y.T / 4
@@ -188,7 +191,9 @@ def test_keeps_input_dtype():
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda q, k, v: linear_attention(q, k, v, causal=True, feature_map="softmax"), id="bad-map"),
+        pytest.param(
+            lambda q, k, v: linear_attention(q, k, v, causal=True, feature_map="softmax"), id="bad-map"
+        ),
         pytest.param(lambda q, k, v: feature_map(q, "cosine"), id="bad-map-fn"),
         pytest.param(
             lambda q, k, v: linear_attention(q, k, v, causal=False, decay=RATES[:2]), id="decay-bidirectional"
@@ -197,10 +202,14 @@ def test_keeps_input_dtype():
         pytest.param(
             lambda q, k, v: linear_attention(q, k, v, causal=True, decay=-RATES[:2]), id="decay-negative"
         ),
-        pytest.param(lambda q, k, v: linear_attention(q, k[:, :, :5], v[:, :, :5], causal=True), id="causal-Tq-ne-Tk"),
+        pytest.param(
+            lambda q, k, v: linear_attention(q, k[:, :, :5], v[:, :, :5], causal=True), id="causal-Tq-ne-Tk"
+        ),
         pytest.param(lambda q, k, v: linear_attention(q, k, v, causal=True, chunk=0), id="chunk-0"),
         pytest.param(
-            lambda q, k, v: linear_attention(torch.randn(1, 3, 9, 8), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), causal=True),
+            lambda q, k, v: linear_attention(
+                torch.randn(1, 3, 9, 8), k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1), causal=True
+            ),
             id="heads-not-multiple",
         ),
         pytest.param(lambda q, k, v: lightning_decay_rates(8, 4, 4), id="layer-out-of-range"),

@@ -30,7 +30,10 @@ def allowed_power(i, j, block, window_blocks):
 CASES = [
     pytest.param(causal(), lambda i, j: j <= i, "causal", id="causal"),
     pytest.param(
-        sliding_window(4, 2), lambda i, j: j <= i and (i - j < 4 or j < 2), "sliding_window_4_sinks_2", id="swa-4-2"
+        sliding_window(4, 2),
+        lambda i, j: j <= i and (i - j < 4 or j < 2),
+        "sliding_window_4_sinks_2",
+        id="swa-4-2",
     ),
     pytest.param(
         sliding_window(1024, 4), lambda i, j: j <= i, "sliding_window_1024_sinks_4", id="swa-wider-than-T"

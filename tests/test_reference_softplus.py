@@ -58,7 +58,9 @@ def check_against_naive(reference, naive, q, k, v, tol=1e-4):
     pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
     for name, actual, want in pairs:
         scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def naive_weights(q, k, *, causal, p, key_padding=None, eps=1e-8):
@@ -156,7 +158,9 @@ def test_keeps_input_dtype():
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda q, k, v: softplus_attention(q, k, v, causal=True, reweight_p=-1.0), id="negative-p"),
+        pytest.param(
+            lambda q, k, v: softplus_attention(q, k, v, causal=True, reweight_p=-1.0), id="negative-p"
+        ),
         pytest.param(lambda q, k, v: softplus_attention(q, k, v[:, :, :4], causal=True), id="v-length"),
         pytest.param(
             lambda q, k, v: softplus_attention(q, k, v, causal=False, key_padding=torch.ones(1, 9)),

@@ -60,7 +60,9 @@ def check_against_naive(reference, naive, q, k, v, tol=1e-4):
     pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
     for name, actual, want in pairs:
         scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
+        )
 
 
 def is_power_of_two_or_zero(d):
@@ -174,7 +176,9 @@ def test_keeps_input_dtype():
         pytest.param(dict(pattern="power", mask_mod=user_mask_mod), id="mask-mod-with-power"),
         pytest.param(dict(pattern="sliding_window", window=0), id="window-0"),
         pytest.param(dict(pattern="power", block=0), id="block-size-0"),
-        pytest.param(dict(pattern="power", key_padding=torch.ones(1, 8, dtype=torch.bool)), id="padding-shape"),
+        pytest.param(
+            dict(pattern="power", key_padding=torch.ones(1, 8, dtype=torch.bool)), id="padding-shape"
+        ),
     ],
 )
 def test_invalid_arguments(kwargs):

@@ -111,7 +111,9 @@ def linear_attention(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if decay is not None and not causal:
-        raise ValueError("decay is only defined for causal linear attention (§4.1 sums over s <= t); pass causal=True")
+        raise ValueError(
+            "decay is only defined for causal linear attention (§4.1 sums over s <= t); pass causal=True"
+        )
     if causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"causal linear attention needs Tq == Tk, got Tq={q.shape[-2]}, Tk={k.shape[-2]}")
     out_dtype = q.dtype
@@ -131,8 +133,10 @@ def _rates(decay: Tensor | None, heads: int, device: torch.device) -> Tensor:
     if decay is None:
         return torch.zeros(heads, device=device)
     if tuple(decay.shape) != (heads,):
-        raise ValueError(f"decay must be a rate tensor of shape ({heads},) (one per query head), got {tuple(decay.shape)}")
-    if bool((decay < 0).any()):
+        raise ValueError(
+            f"decay must be a rate tensor of shape ({heads},) (one per query head), got {tuple(decay.shape)}"
+        )
+    if not torch.compiler.is_compiling() and bool((decay < 0).any()):
         raise ValueError("decay rates s must be >= 0 (λ = exp(-s) must lie in (0, 1])")
     return decay.to(device=device, dtype=torch.float32)
 
@@ -145,17 +149,21 @@ def _bidirectional(q: Tensor, k: Tensor, v: Tensor, normalize: bool, eps: float)
     return num / (den + eps)
 
 
-def _causal_chunked(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, normalize: bool, eps: float, chunk: int) -> Tensor:
-    """§2.4 chunked form with §4.5's decay split (0-indexed offsets r inside a chunk of length n):
-    O = [(Q Kᵀ) ⊙ M] V + diag(λ^{r+1}) Q KV,  KV <- λ^n KV + (diag(λ^{n−1−r}) K)ᵀ V,  M_rc = λ^{r−c} (r >= c),
+def _causal_chunked(
+    q: Tensor, k: Tensor, v: Tensor, rates: Tensor, normalize: bool, eps: float, chunk: int
+) -> Tensor:
+    """§2.4 chunked form with §4.5's decay split, 0-indexed offsets r, c inside a chunk of length n:
+        O = [(Q Kᵀ) ⊙ M] V + diag(λ^{r+1}) Q KV,  M_rc = λ^{r−c} (r >= c) else 0,
+        KV <- λ^n KV + (diag(λ^{n−1−r}) K)ᵀ V,
     and the same recursion for the normalizer with V replaced by ones."""
-    B, H, T, F = q.shape
+    B, H, T, features = q.shape
     s = rates.view(1, H, 1, 1)
-    kv = q.new_zeros(B, H, F, v.shape[-1])
-    kz = q.new_zeros(B, H, F, 1)
+    kv = q.new_zeros(B, H, features, v.shape[-1])
+    kz = q.new_zeros(B, H, features, 1)
     outs = []
     for start in range(0, T, chunk):
-        qc, kc, vc = q[:, :, start : start + chunk], k[:, :, start : start + chunk], v[:, :, start : start + chunk]
+        rows = slice(start, start + chunk)
+        qc, kc, vc = q[:, :, rows], k[:, :, rows], v[:, :, rows]
         n = qc.shape[2]
         r = torch.arange(n, device=q.device)
         lag = r.view(-1, 1) - r.view(1, -1)

@@ -70,8 +70,8 @@ def mala_attention(
 
 
 def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor, chunk: int):
-    """Per query row i: φ(q_i)ᵀ Σ_{j≤i} φ(k_j) v_jᵀ, φ(q_i)·Σ_{j≤i} φ(k_j), Σ_{j≤i} v_j and the
-    valid-key count, by chunks (k, v_valid already zeroed at padded keys)."""
+    """Per query row i, by chunks: φ(q_i)ᵀ Σ_{j≤i} φ(k_j) v_jᵀ, φ(q_i)·Σ_{j≤i} φ(k_j),
+    Σ_{j≤i} v_j and the valid-key count (k and v_valid are already zeroed at padded keys)."""
     B, H, T, D = q.shape
     kv = q.new_zeros(B, H, D, v.shape[-1])
     k_sum = q.new_zeros(B, H, 1, D)
@@ -79,9 +79,9 @@ def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor
     count = q.new_zeros(valid.shape[0], 1, 1, 1)
     qkv, qk, v_sums, counts = [], [], [], []
     for start in range(0, T, chunk):
-        qc, kc, vc = q[:, :, start : start + chunk], k[:, :, start : start + chunk], v[:, :, start : start + chunk]
-        vc_valid = v_valid[:, :, start : start + chunk]
-        valid_c = valid[:, :, start : start + chunk]
+        rows = slice(start, start + chunk)
+        qc, kc, vc = q[:, :, rows], k[:, :, rows], v[:, :, rows]
+        vc_valid, valid_c = v_valid[:, :, rows], valid[:, :, rows]
         scores = (qc @ kc.mT).tril()
         qkv.append(scores @ vc + qc @ kv)
         qk.append(scores.sum(dim=-1, keepdim=True) + qc @ k_sum.mT)

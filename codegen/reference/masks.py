@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .softmax import repeat_kv
+
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
@@ -135,7 +137,8 @@ def prepare_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None) -> 
     """Check the shapes every reference accepts and return float32 q, k, v with H heads each.
 
     q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], key_padding bool [B, Tk] or None.
-    GQA: query head h uses kv head h // (H // Hkv), so k and v are repeated along the head axis.
+    GQA: query head h uses kv head h // (H // Hkv), so k and v are repeated along the head axis
+    (``softmax.repeat_kv``).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
@@ -154,7 +157,4 @@ def prepare_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None) -> 
             f"key_padding must be a bool tensor of shape {(B, Tk)} (True = real token), got "
             f"{key_padding.dtype} {tuple(key_padding.shape)}"
         )
-    groups = H // Hkv
-    k = k.float().repeat_interleave(groups, dim=1)
-    v = v.float().repeat_interleave(groups, dim=1)
-    return q.float(), k, v
+    return q.float(), repeat_kv(k.float(), H), repeat_kv(v.float(), H)

