@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from attncc.backend import AttnccError, Backend
+from attncc.compiler import AttnccError, Backend
 from attncc.report import Report
 
 

@@ -269,13 +269,22 @@ def evaluate_mask(ctx: Context, target: fx.Node, seed: dict) -> torch.Tensor | N
     for node in needed:
         if node.op == "call_function" and node.target in _HEAVY:
             return None
-        if node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("__"):
+        if _mutates_input(node):
             return None
     try:
         (value,) = evaluate([target], ctx.placeholder_values(), seed)
     except Exception:
         return None
     return value if isinstance(value, torch.Tensor) else None
+
+
+def _mutates_input(node: fx.Node) -> bool:
+    """An in-place method on a graph input (evaluating it would change the user's tensor)."""
+    name = str(node.target)
+    if node.op != "call_method" or not name.endswith("_") or name.startswith("__"):
+        return False
+    owner = node.args[0]
+    return not isinstance(owner, fx.Node) or owner.op == "placeholder"
 
 
 _HEAVY = {torch._C._nn.linear, torch.matmul, torch.conv1d, torch.conv2d, torch.nn.functional.embedding}

@@ -37,6 +37,7 @@ class Context:
     graph_index: int = 0
     sites: list[SiteState] = field(default_factory=list)
     misses: list[tuple[str, str]] = field(default_factory=list)
+    refused_ops: list[tuple[fx.Node, str]] = field(default_factory=list)
 
     def add_site(self, site: Site, match: Any) -> SiteState:
         site.graph = self.graph_index

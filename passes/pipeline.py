@@ -1,6 +1,7 @@
 """The compile pipeline: named passes over the dynamo FX graph, in order, each with its reason.
 
     PASSES                what it does, and why it comes where it does
+    decompose_modules     nn.MultiheadAttention / TransformerEncoderLayer ops become plain ops to match
     canonicalize          one spelling per op, so each pattern has one form per meaning
     find_attention        match SDPA calls and softmax(q·kᵀ)·v chains; report every near-miss
     classify_masks        evaluate each site's mask, so causal masks built in the graph become causal=True
@@ -23,6 +24,7 @@ import torch.fx as fx
 
 from .attention import choose_variants, classify_masks, find_attention, rewrite_attention
 from .canonicalize import canonicalize
+from .decompose import decompose
 from .context import Context
 
 
@@ -38,7 +40,15 @@ def _canonicalize(ctx: Context) -> None:
         ctx.report.pattern_hits[f"canonicalize.{rule}"] = ctx.report.pattern_hits.get(f"canonicalize.{rule}", 0) + hits
 
 
+def _decompose(ctx: Context) -> None:
+    hits, refused = decompose(ctx.gm)
+    for rule, n in hits.items():
+        ctx.report.pattern_hits[f"decompose.{rule}"] = n
+    ctx.refused_ops.extend(refused)
+
+
 PASSES: tuple[Pass, ...] = (
+    Pass("decompose_modules", _decompose, "torch.nn's opaque attention ops become plain ops that patterns can see"),
     Pass("canonicalize", _canonicalize, "one spelling per op, so each pattern has one form per meaning"),
     Pass("find_attention", find_attention, "match attention sites; report near-misses with a reason"),
     Pass("classify_masks", classify_masks, "a causal mask built in the graph becomes causal=True"),

@@ -109,6 +109,8 @@ def _is_scalar(x: Any) -> bool:
     """A Python number, or a 0-d tensor node (a float attribute that dynamo lifted to an input)."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return True
+    if isinstance(meta_value(x), (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(meta_value(x), bool):
+        return True
     shape = shape_of(x)
     return shape is not None and len(shape) == 0
 

@@ -261,9 +261,6 @@ def test_sliding_window_work_grows_linearly():
     assert totals[1024]["fwd"] * 4 < dense_causal
 
 
-# ----------------------------------------------------------------------------------------------
-# GPU: bfloat16 at long sequences, against SDPA in float32 with an explicit mask
-# ----------------------------------------------------------------------------------------------
 
 
 def sdpa_reference(q, k, v, do, scale, mask):
