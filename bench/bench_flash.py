@@ -18,11 +18,13 @@ and of dq, dk, dv against the anchor. The markdown table is printed last and wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import pathlib
 import sys
+import warnings
 
 import torch
 import triton
@@ -31,10 +33,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 try:
-    from attncc.codegen.triton.flash import flash_attention_bwd, flash_attention_fwd
+    from attncc.codegen.triton.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 except ImportError:  # the package is not installed: import the module from the checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from codegen.triton.flash import flash_attention_bwd, flash_attention_fwd
+    from codegen.triton.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 
 B, H, D = 1, 16, 128
 DTYPE = torch.bfloat16
@@ -64,6 +66,12 @@ CASES = [
     ("dense causal", dict(pattern="dense"), None),
 ]
 
+# One compiled flex_attention serves every mask and size: let dynamo keep all of its graphs (past the
+# default limit of 8 it would fall back to the unfused path, which materializes N x N scores).
+for _name in ("recompile_limit", "cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 64)
+warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
 _flex = torch.compile(flex_attention, dynamic=False)
 
 
@@ -149,33 +157,38 @@ def run_case(name, spec, mask_mod, n, backend, backend_name):
     return row
 
 
+SWEEP = {
+    # head dim: (forward configs, backward configs); see FlashConfig for the fields
+    128: ([(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 128, 4, 3)],
+          [(64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 3), (64, 64, 64, 64, 8, 2)]),
+    64: ([(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+         [(64, 128, 128, 64, 8, 2), (32, 64, 64, 32, 4, 2), (64, 64, 64, 64, 4, 3)]),
+}
+
+
 def sweep(n=8192):
-    """Time a few tile configs on sliding_window(1024)+4 sinks and power at N=n: forward and backward."""
-    fwd_configs = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 3)]
-    bwd_configs = [(64, 128, 128, 64, 8, 2), (32, 128, 128, 32, 4, 3), (64, 64, 64, 64, 4, 3),
-                   (32, 64, 64, 32, 4, 2), (64, 128, 128, 64, 8, 1), (32, 128, 128, 32, 8, 2)]
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v, do = (torch.randn(B, H, n, D, device="cuda", dtype=DTYPE, generator=g) for _ in range(4))
-    for label, spec in (("sliding_window+sinks", dict(pattern="sliding_window", window=1024, sinks=4)),
-                        ("power", dict(pattern="power", block=256, window_blocks=5))):
-        kwargs = dict(scale=SCALE, causal=True, **spec)
-        for cfg in fwd_configs:
-            os.environ["ATTNCC_FLASH_CONFIG"] = json.dumps(list(cfg) + [64, 128, 128, 64, 8, 2])
-            try:
-                ms = bench(lambda: flash_attention_fwd(q, k, v, **kwargs), None)
-                print(f"sweep {label} N={n} fwd {cfg}: {ms:.3f} ms", flush=True)
-            except Exception as e:  # a config that does not compile (shared memory) is reported, not fatal
-                print(f"sweep {label} N={n} fwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-        os.environ.pop("ATTNCC_FLASH_CONFIG")
+    """Time the SWEEP tile configs on sliding_window(1024)+4 sinks at N=n, forward and backward apart."""
+    kwargs = dict(scale=SCALE, causal=True, pattern="sliding_window", window=1024, sinks=4)
+    for head_dim, (fwd_configs, bwd_configs) in SWEEP.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(B, H, n, head_dim, device="cuda", dtype=DTYPE, generator=g) for _ in range(4))
         o, lse = flash_attention_fwd(q, k, v, **kwargs)
-        for cfg in bwd_configs:
-            os.environ["ATTNCC_FLASH_CONFIG"] = json.dumps([128, 64, 8, 3] + list(cfg))
-            try:
-                ms = bench(lambda: flash_attention_bwd(do, q, k, v, o, lse, **kwargs), None)
-                print(f"sweep {label} N={n} bwd {cfg}: {ms:.3f} ms", flush=True)
-            except Exception as e:
-                print(f"sweep {label} N={n} bwd {cfg}: failed {type(e).__name__}: {str(e)[:200]}", flush=True)
-        os.environ.pop("ATTNCC_FLASH_CONFIG")
+        for part, configs in (("fwd", fwd_configs), ("bwd", bwd_configs)):
+            for cfg in configs:
+                default = dataclasses.astuple(flash_config(head_dim))
+                full = list(cfg) + list(default[4:]) if part == "fwd" else list(default[:4]) + list(cfg)
+                os.environ["ATTNCC_FLASH_CONFIG"] = json.dumps(full)
+                try:
+                    if part == "fwd":
+                        ms = bench(lambda: flash_attention_fwd(q, k, v, **kwargs), None)
+                    else:
+                        ms = bench(lambda: flash_attention_bwd(do, q, k, v, o, lse, **kwargs), None)
+                    print(f"sweep D={head_dim} N={n} {part} {cfg}: {ms:.3f} ms", flush=True)
+                except Exception as e:  # a config that does not compile (shared memory) is reported
+                    print(f"sweep D={head_dim} N={n} {part} {cfg}: failed {type(e).__name__}: {str(e)[:200]}",
+                          flush=True)
+                finally:
+                    os.environ.pop("ATTNCC_FLASH_CONFIG")
 
 
 def table(rows, header):

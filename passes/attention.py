@@ -48,11 +48,17 @@ def find_attention(ctx: Context) -> None:
     _number_layers(ctx)
 
 
-def _looks_like_attention(softmax: fx.Node) -> bool:
-    """A softmax whose input has [.., T, T']-shaped scores computed from a product of activations."""
-    from attncc.patterns.attention import _reaches_scores
+def _looks_like_attention(softmax: fx.Node, depth: int = 8) -> bool:
+    """A softmax whose input comes, through any ops, from a product of two activations: worth reporting."""
+    from attncc.patterns.attention import _is_activation_matmul
 
-    return _reaches_scores(softmax.args[0])
+    frontier = [softmax.args[0]]
+    for _ in range(depth):
+        frontier = [n for n in frontier if isinstance(n, fx.Node)]
+        if any(_is_activation_matmul(n) for n in frontier):
+            return True
+        frontier = [i for n in frontier for i in n.all_input_nodes]
+    return False
 
 
 def _unsupported_site(node: fx.Node, matcher, reason: str) -> Site:
