@@ -8,6 +8,7 @@ from attncc.compiler import AttnccError, Backend, VerificationError, backend
 from attncc.explain import explain
 from attncc.policy import Policy, PolicyError, dump_policy, load_policy
 from attncc.report import Report, Site
+from attncc.passes.residual import parameters, prepare
 
 __all__ = [
     "AttnccError",
@@ -21,4 +22,6 @@ __all__ = [
     "dump_policy",
     "explain",
     "load_policy",
+    "parameters",
+    "prepare",
 ]

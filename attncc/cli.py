@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # the CLI prints the error, not a traceback
         from attncc.policy import PolicyError
 
+        inner = getattr(err, "inner_exception", None)  # dynamo wraps backend errors in BackendCompilerFailed
+        if isinstance(inner, PolicyError) or type(inner).__name__ == "AttnccError":
+            err = inner
         if isinstance(err, (PolicyError, FileNotFoundError, ValueError)) or type(err).__name__ == "AttnccError":
             print(f"attncc: error: {err}", file=sys.stderr)
             return 2

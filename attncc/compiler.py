@@ -69,6 +69,8 @@ class Backend:
         gm = run_pipeline(ctx)
         self.reports.append(ctx.report)
         _warn_if_nothing_found(ctx, self.policy)
+        for problem in ctx.policy_warnings:
+            warnings.warn(f"{problem} (in this graph; attncc.explain checks the whole model)", stacklevel=2)
         compiled = _inner_compile(self.options.inner, gm, example_inputs)
         if original is not None and ctx.report.count("rewritten"):
             return _verifying(compiled, original, ctx.report)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from attncc.codegen.reference.softmax import softmax_attention
+from attncc.policy import Sparse
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
@@ -40,3 +41,59 @@ def softmax_site(
 ) -> torch.Tensor:
     """Softmax attention with the site's own math (VARIANTS.md §1)."""
     return softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p)
+
+
+def key_padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
+    """[B, Tk] True for real keys, from a site's mask (bool may-attend, or additive) of a padding kind."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(torch.float16).min / 2
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    keys = allowed.any(dim=-2).any(dim=1)  # [B', Tk]
+    return keys.expand(batch, keys.shape[-1])
+
+
+def _padding(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    return None if mask is None else key_padding_from_mask(mask, q.shape[0])
+
+
+def _scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Fold a tensor-valued scale into q, so references and kernels see a Python float."""
+    if isinstance(scale, torch.Tensor):
+        return q * scale.to(q.dtype), 1.0
+    return q, float(scale)
+
+
+def linear_site(q, k, v, mask, *, causal: bool, feature_map: str, normalize: bool,
+                decay_rates: tuple[float, ...] | None, eps: float, kernels: str = "auto") -> torch.Tensor:
+    from attncc.codegen.reference.linear import linear_attention
+
+    decay = None if decay_rates is None else torch.tensor(decay_rates, dtype=torch.float32, device=q.device)
+    return linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize, decay=decay,
+                            eps=eps, key_padding=_padding(mask, q))
+
+
+def sparse_site(q, k, v, mask, scale, *, pattern: str, window: int, sinks: int, block: int, window_blocks: int,
+                mask_fn: str | None, causal: bool, kernels: str = "auto") -> torch.Tensor:
+    from attncc.codegen.reference.masks import and_masks, causal as causal_mask
+    from attncc.codegen.reference.sparse import sparse_attention
+
+    q, scale = _scaled(q, scale)
+    mask_mod = None
+    if pattern == "block":
+        mask_mod = Sparse(pattern="block", mask=mask_fn).load_mask()
+        if causal:
+            mask_mod = and_masks(causal_mask(), mask_mod)
+    return sparse_attention(q, k, v, scale=scale, pattern=pattern, window=window, sinks=sinks, block=block,
+                            window_blocks=window_blocks, mask_mod=mask_mod, key_padding=_padding(mask, q))
+
+
+def softplus_site(q, k, v, mask, *, causal: bool, reweight_p: float, kernels: str = "auto") -> torch.Tensor:
+    from attncc.codegen.reference.softplus import softplus_attention
+
+    return softplus_attention(q, k, v, causal=causal, reweight_p=reweight_p, key_padding=_padding(mask, q))
+
+
+def mala_site(q, k, v, mask, *, causal: bool, sim_scale: float | None, kernels: str = "auto") -> torch.Tensor:
+    from attncc.codegen.reference.mala import mala_attention
+
+    return mala_attention(q, k, v, causal=causal, sim_scale=sim_scale, key_padding=_padding(mask, q))

@@ -162,13 +162,21 @@ def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
 
 
 def choose_variants(ctx: Context) -> None:
-    """Apply the policy: each site gets the variant of the first matching rule, else the default."""
-    from attncc.policy import check_sites
+    """Apply the policy: each site gets the variant of the first matching rule, else the default.
+
+    Whether every rule matches a site and every layer range lies inside the model is a question about
+    the whole model, which may span several graphs: explain() answers it (and raises); one graph
+    only warns when its sites alone would fail the check.
+    """
+    from attncc.policy import PolicyError, check_sites
 
     attention = [s for s in ctx.sites if s.site.kind == "attention"]
     layers = [s.site.layer for s in attention if s.site.layer is not None]
     if attention:
-        check_sites(ctx.policy, [(s.site.module, s.site.layer) for s in attention], max(layers, default=0) + 1)
+        try:
+            check_sites(ctx.policy, [(s.site.module, s.site.layer) for s in attention], max(layers, default=0) + 1)
+        except PolicyError as problem:
+            ctx.policy_warnings.append(str(problem))
     for state in attention:
         variant, _ = ctx.policy.choose(state.site.module, state.site.layer)
         state.variant = variant
@@ -294,3 +302,110 @@ def _mutates_input(node: fx.Node) -> bool:
 
 
 _HEAVY = {torch._C._nn.linear, torch.matmul, torch.conv1d, torch.conv2d, torch.nn.functional.embedding}
+
+
+# --- the other variants -------------------------------------------------------------------------
+
+BIDIRECTIONAL = ("none", "padding")
+CAUSAL_KINDS = ("causal", "causal+padding")
+
+
+def _check_site(state: SiteState, kinds: tuple[str, ...], variant: str) -> str | None:
+    """Why a site cannot take a variant, or None."""
+    match, kind = state.match, state.mask
+    if match.q_len is None or shape_of(match.q) is None or len(shape_of(match.q)) != 4:
+        return f"{variant} needs 4-D [B, H, T, D] q/k/v with static sizes"
+    if kind.kind not in kinds:
+        return f"{variant} cannot serve a '{kind}' mask (it serves: {', '.join(kinds)}); site left unchanged"
+    if kind.causal and match.q_len != match.kv_len:
+        return f"causal {variant} needs as many queries as keys (got {match.q_len} and {match.kv_len})"
+    return None
+
+
+def _insert_site(ctx: Context, state: SiteState, fn, with_scale: bool, consts: dict[str, Any]) -> None:
+    """Replace the matched site by `fn(q, k, v, key_mask[, scale], **consts)`."""
+    match = state.match
+    graph = ctx.gm.graph
+    with graph.inserting_before(match.output):
+        k = match.k
+        if isinstance(k, TransposeOf):
+            k = _new(graph, torch.transpose, (k.node, -2, -1), like=k.node)
+        mask = _mask_node(graph, match) if state.mask.padding else None
+        args = (match.q, k, match.v, mask) + ((_scale_node(graph, match),) if with_scale else ())
+        new = graph.call_function(fn, args, {**consts, "kernels": ctx.options.kernels})
+    new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
+                     if key in match.output.meta})
+    match.output.replace_all_uses_with(new)
+    state.site.kernel = "reference"
+    if match.dropout_p:
+        state.site.reason = f"attention dropout p={match.dropout_p} is not part of {state.variant.variant}"
+
+
+def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
+    v = state.variant
+    causal = state.mask.causal
+    refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "linear attention")
+    if refusal:
+        return refusal
+    rates = None
+    if v.decay != "none":
+        if not causal:
+            return "linear attention with decay is causal-only; this site is bidirectional"
+        from attncc.codegen.reference.linear import constant_decay_rates, lightning_decay_rates
+
+        heads = state.match.heads
+        if v.decay == "lightning":
+            rates = lightning_decay_rates(heads, state.site.layer or 0, ctx.num_layers())
+        else:
+            rates = constant_decay_rates(heads, float(v.decay))
+        rates = tuple(float(r) for r in rates)
+    _insert_site(ctx, state, dispatch.linear_site, False,
+                 dict(causal=causal, feature_map=v.feature_map, normalize=v.normalize, decay_rates=rates, eps=v.eps))
+    return None
+
+
+def rewrite_sparse(ctx: Context, state: SiteState) -> str | None:
+    v = state.variant
+    if v.pattern == "block":
+        refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "sparse block attention")
+        if refusal:
+            return refusal
+        v.load_mask()  # fail now, with the policy's message, rather than inside the compiled graph
+    else:
+        refusal = _check_site(state, CAUSAL_KINDS, f"sparse {v.pattern} attention (a causal pattern)")
+        if refusal:
+            return refusal
+    _insert_site(ctx, state, dispatch.sparse_site, True,
+                 dict(pattern=v.pattern, window=v.window, sinks=v.sinks, block=v.block,
+                      window_blocks=v.window_blocks, mask_fn=v.mask, causal=state.mask.causal))
+    return None
+
+
+def rewrite_softplus(ctx: Context, state: SiteState) -> str | None:
+    refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "softplus attention")
+    if refusal:
+        return refusal
+    _insert_site(ctx, state, dispatch.softplus_site, False,
+                 dict(causal=state.mask.causal, reweight_p=float(state.variant.reweight_p)))
+    return None
+
+
+def rewrite_mala(ctx: Context, state: SiteState) -> str | None:
+    refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "MALA")
+    if refusal:
+        return refusal
+    _insert_site(ctx, state, dispatch.mala_site, False,
+                 dict(causal=state.mask.causal, sim_scale=state.variant.sim_scale))
+    return None
+
+
+REWRITERS.update(linear=rewrite_linear, sparse=rewrite_sparse, softplus=rewrite_softplus, mala=rewrite_mala)
+
+
+def _rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
+    from .sqa import rewrite_sqa
+
+    return rewrite_sqa(ctx, state)
+
+
+REWRITERS["sqa"] = _rewrite_sqa

@@ -38,6 +38,7 @@ class Context:
     sites: list[SiteState] = field(default_factory=list)
     misses: list[tuple[str, str]] = field(default_factory=list)
     refused_ops: list[tuple[fx.Node, str]] = field(default_factory=list)
+    policy_warnings: list[str] = field(default_factory=list)
 
     def add_site(self, site: Site, match: Any) -> SiteState:
         site.graph = self.graph_index
@@ -48,6 +49,10 @@ class Context:
     def count(self, pattern: str) -> None:
         hits = self.report.pattern_hits
         hits[pattern] = hits.get(pattern, 0) + 1
+
+    def num_layers(self) -> int:
+        layers = [s.site.layer for s in self.sites if s.site.kind == "attention" and s.site.layer is not None]
+        return max(layers, default=0) + 1
 
     def placeholder_values(self) -> dict[fx.Node, Any]:
         nodes = [n for n in self.gm.graph.nodes if n.op == "placeholder"]

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import meta_value
+from .graph import meta_value, propagate_meta
 
 
 def mha_forward(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
@@ -201,7 +201,6 @@ def _inline(graph: fx.Graph, node: fx.Node, fn: Callable, tensors: list, consts:
     traced = fx.symbolic_trace(_with_signature(wrapper, names))
     env: dict[fx.Node, Any] = {}
     placeholders = iter(present)
-    fake_mode = _fake_mode(present)
     stack = _module_stack_for(node)
     result = None
     with graph.inserting_before(node):
@@ -214,7 +213,7 @@ def _inline(graph: fx.Graph, node: fx.Node, fn: Callable, tensors: list, consts:
                 new = graph.node_copy(sub, lambda n: env[n])
                 new.meta["nn_module_stack"] = stack
                 new.meta["stack_trace"] = node.meta.get("stack_trace")
-                _propagate(new, fake_mode)
+                propagate_meta(new)
                 env[sub] = new
     _replace_uses(node, result)
 
@@ -246,28 +245,3 @@ def _module_stack_for(node: fx.Node) -> dict:
         path, _ = list(stack.values())[-1]
         stack["attncc_self_attn"] = (f"{path}.self_attn", torch.nn.MultiheadAttention)
     return stack
-
-
-def _fake_mode(nodes: list[fx.Node]):
-    for n in nodes:
-        value = meta_value(n)
-        mode = getattr(value, "fake_mode", None)
-        if mode is not None:
-            return mode
-    return None
-
-
-def _propagate(node: fx.Node, fake_mode) -> None:
-    """Fill example_value for an inlined node by running it on its inputs' fake values."""
-    if fake_mode is None:
-        return
-    args = fx.node.map_arg(node.args, meta_value)
-    kwargs = fx.node.map_arg(node.kwargs, meta_value)
-    with fake_mode:
-        if node.op == "call_function":
-            value = node.target(*args, **kwargs)
-        elif node.op == "call_method":
-            value = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            return
-    node.meta["example_value"] = value

@@ -136,3 +136,21 @@ def evaluate(
         else:
             raise LookupError(f"cannot evaluate {node.op} {node.target}")
     return [env[n] for n in outputs]
+
+
+def propagate_meta(node: fx.Node) -> None:
+    """Fill a new node's example_value by running it on its inputs' fake values (dynamo's fake mode)."""
+    leaves = torch.utils._pytree.tree_leaves([meta_value(n) for n in node.all_input_nodes])
+    fake_mode = next((v.fake_mode for v in leaves if getattr(v, "fake_mode", None) is not None), None)
+    if fake_mode is None:
+        return
+    args = fx.node.map_arg(node.args, meta_value)
+    kwargs = fx.node.map_arg(node.kwargs, meta_value)
+    with fake_mode:
+        if node.op == "call_function":
+            value = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            return
+    node.meta["example_value"] = value

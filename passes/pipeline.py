@@ -6,7 +6,9 @@
     find_attention        match SDPA calls and softmax(q·kᵀ)·v chains; report every near-miss
     classify_masks        evaluate each site's mask, so causal masks built in the graph become causal=True
     choose_variants       apply the policy (first matching rule wins); needs layers and modules from matching
+    find_residual         match each sublayer's residual add (pre-/post-norm); names it by its attention/MLP site
     rewrite_attention     replace chosen sites with their variant's op; refused sites stay unchanged
+    rewrite_residual      residual adds become AttnRes aggregations (policy `residual`); last, as it rewires the stream
 
 The rewritten graph then goes to the inner compiler (Inductor by default). With debug on
 (`attncc.backend(..., debug=True)` or ATTNCC_DEBUG=1), each pass's graph is dumped before and after
@@ -25,6 +27,7 @@ import torch.fx as fx
 from .attention import choose_variants, classify_masks, find_attention, rewrite_attention
 from .canonicalize import canonicalize
 from .decompose import decompose
+from .residual import find_residual, rewrite_residual
 from .context import Context
 
 
@@ -53,7 +56,9 @@ PASSES: tuple[Pass, ...] = (
     Pass("find_attention", find_attention, "match attention sites; report near-misses with a reason"),
     Pass("classify_masks", classify_masks, "a causal mask built in the graph becomes causal=True"),
     Pass("choose_variants", choose_variants, "the policy needs each site's module and layer"),
+    Pass("find_residual", find_residual, "needs the attention sites; after the passes that treat every site as attention"),
     Pass("rewrite_attention", rewrite_attention, "replace chosen sites; refused sites stay unchanged"),
+    Pass("rewrite_residual", rewrite_residual, "rewire the stream last: attention rewrites only touch sublayer interiors"),
 )
 
 

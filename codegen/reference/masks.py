@@ -157,4 +157,5 @@ def prepare_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None) -> 
             f"key_padding must be a bool tensor of shape {(B, Tk)} (True = real token), got "
             f"{key_padding.dtype} {tuple(key_padding.shape)}"
         )
-    return q.float(), repeat_kv(k.float(), H), repeat_kv(v.float(), H)
+    # contiguous: AOT autograd can mis-trace views of transposed inputs in the backward (torch 2.13)
+    return q.float().contiguous(), repeat_kv(k.float(), H).contiguous(), repeat_kv(v.float(), H).contiguous()

@@ -39,7 +39,8 @@ PATTERNS = ("dense", "sliding_window", "power")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_LOG2E = tl.constexpr(1.4426950408889634)
+LOG2E = 1.4426950408889634
+_LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
 _INT32_MAX = 2**31 - 1
 
@@ -498,11 +499,14 @@ class FlashConfig:
 
 
 _INTERPRETER_CONFIG = FlashConfig(32, 16, 4, 1, 16, 32, 32, 16, 4, 1)
+# Chosen on the H200 (README.md, "Configs"): per head dim, and per (head dim, pattern) where a
+# pattern measured faster with another one.
 _GPU_CONFIGS = {
     16: FlashConfig(128, 64, 4, 3, 64, 128, 128, 64, 4, 2),
     32: FlashConfig(128, 64, 4, 3, 64, 128, 128, 64, 4, 2),
     64: FlashConfig(128, 64, 4, 3, 64, 128, 128, 64, 8, 2),
-    128: FlashConfig(64, 64, 4, 3, 64, 128, 128, 64, 8, 2),
+    128: FlashConfig(64, 64, 4, 3, 32, 64, 64, 32, 4, 3),
+    (128, "power"): FlashConfig(64, 64, 4, 3, 64, 128, 128, 64, 8, 2),
 }
 
 
@@ -510,8 +514,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def flash_config(head_dim: int) -> FlashConfig:
-    """The config for ``head_dim``: one fixed config under the interpreter, one per head dim on GPU.
+def flash_config(head_dim: int, pattern: str = "dense") -> FlashConfig:
+    """The config for ``head_dim`` and ``pattern``: one fixed config under the interpreter, a small
+    table on GPU.
 
     ``ATTNCC_FLASH_CONFIG`` (a JSON list of FlashConfig's ten fields) overrides it, for tuning.
     """
@@ -520,7 +525,7 @@ def flash_config(head_dim: int) -> FlashConfig:
         return FlashConfig(*json.loads(override))
     if _interpreting():
         return _INTERPRETER_CONFIG
-    return _GPU_CONFIGS[head_dim]
+    return _GPU_CONFIGS.get((head_dim, pattern), _GPU_CONFIGS[head_dim])
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> tuple[bool, str]:
@@ -572,7 +577,8 @@ def kernel_key(q: torch.Tensor, k: torch.Tensor, *, causal: bool, pattern: str =
     spec = _pattern(pattern, causal, window, sinks, block, window_blocks)
     head_dim = q.shape[-1]
     return (spec.name, spec.causal, spec.window, spec.sinks, spec.block, spec.window_blocks, head_dim,
-            q.dtype, q.shape[1] // k.shape[1], key_padding is not None, _interpreting(), flash_config(head_dim))
+            q.dtype, q.shape[1] // k.shape[1], key_padding is not None, _interpreting(),
+            flash_config(head_dim, spec.name))
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -634,7 +640,7 @@ def power_tile_lists(q_len: int, k_len: int, block_m: int, block_n: int, block: 
     }
 
 
-def _check(q, k, v, key_padding, spec: _Pattern) -> None:
+def _check(q, k, v, key_padding) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"flash kernel: q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -652,6 +658,8 @@ def _check(q, k, v, key_padding, spec: _Pattern) -> None:
     if key_padding is not None and (key_padding.dtype != torch.bool or tuple(key_padding.shape) != (B, k.shape[2])):
         raise ValueError(f"flash kernel: key_padding must be bool [B, Tk] = [{B}, {k.shape[2]}], got "
                          f"{key_padding.dtype} {tuple(key_padding.shape)}")
+    if key_padding is not None and key_padding.device != q.device:
+        raise ValueError(f"flash kernel: key_padding is on {key_padding.device}, q on {q.device}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         span = sum((size - 1) * abs(stride) for size, stride in zip(x.shape[2:], x.stride()[2:]))
         assert span <= _INT32_MAX, f"flash kernel: one head of {name} spans {span} elements (> int32)"
@@ -667,7 +675,7 @@ def _padding_args(key_padding, q):
 def _forward(q, k, v, scale, spec: _Pattern, key_padding, tile_count=None):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = flash_config(D)
+    cfg = flash_config(D, spec.name)
     o = _alloc((B, H, Tq, D), q.dtype, q.device)
     lse = _alloc((B, H, Tq), torch.float32, q.device)
     if Tq == 0:
@@ -686,7 +694,7 @@ def _forward(q, k, v, scale, spec: _Pattern, key_padding, tile_count=None):
         lse if tile_count is None else tile_count,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         stride_pb, stride_pn, *list_strides,
-        H, Tq, Tk, scale * 1.4426950408889634,
+        H, Tq, Tk, scale * LOG2E,
         HEAD_DIM=D, PATTERN=spec.name, IS_CAUSAL=spec.causal, WINDOW=spec.window, SINKS=spec.sinks,
         PBLOCK=spec.block, PWINDOW=spec.window_blocks, GROUP=H // Hkv, HAS_PADDING=key_padding is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
@@ -698,7 +706,7 @@ def _forward(q, k, v, scale, spec: _Pattern, key_padding, tile_count=None):
 def _backward(do, q, k, v, o, lse, scale, spec: _Pattern, key_padding, tile_count=None):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
-    cfg = flash_config(D)
+    cfg = flash_config(D, spec.name)
     dq = _alloc((B, H, Tq, D), q.dtype, q.device)
     dk = _alloc((B, Hkv, Tk, D), k.dtype, k.device)
     dv = _alloc((B, Hkv, Tk, D), v.dtype, v.device)
@@ -726,7 +734,7 @@ def _backward(do, q, k, v, o, lse, scale, spec: _Pattern, key_padding, tile_coun
         lse if tile_count is None else tile_count,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), *dk.stride(), *dv.stride(),
         stride_pb, stride_pn, *list_strides,
-        H, Hkv, Tq, Tk, scale, scale * 1.4426950408889634, n_kv_tiles,
+        H, Hkv, Tq, Tk, scale, scale * LOG2E, n_kv_tiles,
         HEAD_DIM=D, PATTERN=spec.name, IS_CAUSAL=spec.causal, WINDOW=spec.window, SINKS=spec.sinks,
         PBLOCK=spec.block, PWINDOW=spec.window_blocks, GROUP=H // Hkv, HAS_PADDING=key_padding is not None,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
@@ -743,7 +751,7 @@ def flash_attention_fwd(q, k, v, *, scale: float, causal: bool, pattern: str = "
     Raises ValueError for inputs the kernels do not handle (the caller then uses the reference).
     """
     spec = _pattern(pattern, causal, window, sinks, block, window_blocks)
-    _check(q, k, v, key_padding, spec)
+    _check(q, k, v, key_padding)
     return _forward(q, k, v, float(scale), spec, key_padding)
 
 
@@ -755,7 +763,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, scale: float, causal: bool, patt
     dk and dv of a kv head sum over the query heads of its GQA group.
     """
     spec = _pattern(pattern, causal, window, sinks, block, window_blocks)
-    _check(q, k, v, key_padding, spec)
+    _check(q, k, v, key_padding)
     if do.shape != q.shape or o.shape != q.shape or tuple(lse.shape) != tuple(q.shape[:3]):
         raise ValueError(f"flash kernel: do and o must be q's shape {tuple(q.shape)} and lse [B, H, Tq]; got "
                          f"{tuple(do.shape)}, {tuple(o.shape)}, {tuple(lse.shape)}")
@@ -776,7 +784,7 @@ def visited_tiles(q_len: int, k_len: int | None = None, *, causal: bool = True, 
     dtype = torch.float32 if _interpreting() else torch.float16
     q = torch.zeros(1, 1, q_len, head_dim, dtype=dtype, device=device)
     k = torch.zeros(1, 1, k_len, head_dim, dtype=dtype, device=device)
-    cfg = flash_config(head_dim)
+    cfg = flash_config(head_dim, spec.name)
     n_q, n_kv = triton.cdiv(q_len, cfg.block_m), triton.cdiv(k_len, cfg.block_n1)
     fwd_count = torch.zeros(n_q, dtype=torch.int32, device=device)
     bwd_count = torch.zeros(n_kv + triton.cdiv(q_len, cfg.block_m2), dtype=torch.int32, device=device)

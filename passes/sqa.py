@@ -1,0 +1,235 @@
+"""SQA: fewer query heads, by weight surgery on the query and output projections (VARIANTS.md §7).
+
+For a site with H query heads and Hkv kv heads, SQA keeps Hq = query_heads query heads. The query
+projection W_Q [H·D, C] becomes W_Q' [Hq·D, C], each new head the mean (init "mean") or the first
+(init "select") of its group of H/Hq old heads; the output projection W_O [C, H·D] becomes
+W_O' [C, Hq·D], each new head's columns the sum (mean) or the selected head's columns (select) of its
+group. Both new weights are computed in the graph from the original parameters, so gradients reach
+the original parameters and the projection FLOPs shrink with Hq/H.
+
+Everything between the query projection and the attention (views, transposes, rotary embedding) and
+between the attention and the output projection is copied with the new projection as its input;
+those ops must act per head (head count given as -1 or as H, which becomes Hq). kv_heads pools (mean)
+or repeats the kv heads at the attention's input.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .context import Context, SiteState
+from .graph import ancestors, meta_value, propagate_meta, shape_of
+
+_LINEAR = torch._C._nn.linear
+_HEADWISE_METHODS = {"view", "reshape", "transpose", "contiguous", "to", "float", "type_as", "unsqueeze", "flatten"}
+_HEADWISE_FUNCTIONS = {torch.transpose, torch.permute, operator.mul, operator.add, operator.sub, operator.neg,
+                       torch.neg, torch.cat, operator.getitem, torch.reshape, torch.flatten}
+
+
+class Refused(Exception):
+    pass
+
+
+def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
+    match, variant = state.match, state.variant
+    heads, kv_heads, head_dim = match.heads, match.kv_heads, match.head_dim
+    if None in (heads, kv_heads, head_dim) or shape_of(match.q) is None or len(shape_of(match.q)) != 4:
+        return "sqa needs 4-D [B, H, T, D] q/k/v with static head counts"
+    hq = variant.query_heads or heads // 2
+    hkv = variant.kv_heads or min(kv_heads, hq)  # default: keep the kv heads, pooled down to hq if needed
+    if heads % hq or hq % hkv or (hkv % kv_heads and kv_heads % hkv) or hq > heads:
+        return (f"sqa cannot map {heads} query / {kv_heads} kv heads to query_heads={hq}, kv_heads={hkv}: "
+                "query_heads must divide the heads and be a multiple of kv_heads")
+    if hq == heads and hkv == kv_heads and variant.query_heads is None:
+        return "sqa with these heads is the identity"
+    if kv_heads % hkv == 0 and (heads // hq) > (heads // kv_heads) * (kv_heads // hkv):
+        return f"sqa query groups of {heads // hq} heads would mix kv groups of {heads // kv_heads} heads"
+    try:
+        q_chain = _producer_chain(match.q)
+        o_chain = _consumer_chain(match.output)
+    except Refused as why:
+        return str(why)
+    graph = ctx.gm.graph
+    group = heads // hq
+    with graph.inserting_before(match.output):
+        q_linear, q_nodes = q_chain
+        new_q = _copy_chain(graph, q_linear, q_nodes, match.q, _grouped_linear(graph, q_linear, heads, hq, head_dim,
+                                                                            variant.init), heads, hq, head_dim)
+        k, v = _regroup_kv(graph, match.k, kv_heads, hkv), _regroup_kv(graph, match.v, kv_heads, hkv)
+        from .attention import _scale_node
+
+        scale = _scale_node(graph, match)
+        mask = None
+        if state.mask.kind not in ("none", "causal"):
+            from .attention import _mask_node
+
+            mask = _mask_node(graph, match)
+            mask_shape = shape_of(mask)
+            if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] not in (1,):
+                raise_refusal = f"sqa cannot regroup a per-head mask ({mask_shape})"
+                return raise_refusal
+        from attncc.codegen import dispatch
+
+        attn = graph.call_function(
+            dispatch.softmax_site, (new_q, k, v, mask, scale),
+            {"causal": state.mask.kind == "causal", "dropout_p": match.dropout_p, "kernels": ctx.options.kernels},
+        )
+        propagate_meta(attn)
+    o_nodes, o_linear = o_chain
+    with graph.inserting_before(o_linear):
+        new_out = _copy_chain(graph, match.output, o_nodes, o_linear.args[0], attn, heads, hq, head_dim)
+        weight, bias = _grouped_out_weight(graph, o_linear, heads, hq, group, variant.init)
+        new_linear = graph.call_function(_LINEAR, (new_out, weight, bias))
+        propagate_meta(new_linear)
+    o_linear.replace_all_uses_with(new_linear)
+    state.site.kernel = "reference"
+    state.site.params = {**state.site.params, "query_heads": hq, "kv_heads": hkv}
+    state.site.reason = f"{heads} -> {hq} query heads, {kv_heads} -> {hkv} kv heads ({variant.init} init)"
+    return None
+
+
+def _producer_chain(q: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The linear that projects q, and the head-wise nodes between it and q (graph order)."""
+    order = {n: i for i, n in enumerate(q.graph.nodes)}
+    projections = [n for n in ancestors([q]) if n.op == "call_function" and n.target is _LINEAR
+                   and len(n.args) > 1 and _is_param(n.args[1])]
+    if not projections:
+        raise Refused("sqa found no separate query projection (a fused qkv projection is not supported)")
+    linear = max(projections, key=order.__getitem__)
+    between = sorted((ancestors([q]) & _descendants(linear)) - {linear}, key=order.__getitem__)
+    for node in between:
+        if not _headwise(node):
+            raise Refused(f"sqa cannot carry {node.name} ({node.target}) between the query projection and attention")
+        outside = [u for u in node.users if u not in between and u is not q and node is not q]
+        if outside:
+            raise Refused(f"the query tensor {node.name} is also used by {outside[0].name}")
+    return linear, between
+
+
+def _consumer_chain(out: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+    """The head-wise nodes after the attention output, up to the output projection."""
+    nodes = []
+    node = out
+    for _ in range(8):
+        users = list(node.users)
+        if len(users) != 1:
+            raise Refused("the attention output is used by more than the output projection")
+        (user,) = users
+        if user.op == "call_function" and user.target is _LINEAR and user.args[0] is node and _is_param(user.args[1]):
+            return nodes, user
+        if not _headwise(user):
+            raise Refused(f"sqa cannot carry {user.name} between attention and the output projection")
+        nodes.append(user)
+        node = user
+    raise Refused("no output projection after the attention")
+
+
+def _copy_chain(graph: fx.Graph, start: fx.Node, nodes: list[fx.Node], end: fx.Node, replacement: fx.Node,
+                heads: int, hq: int, head_dim: int) -> fx.Node:
+    env: dict[fx.Node, Any] = {start: replacement}
+    for node in nodes:
+        new = graph.node_copy(node, lambda n: env.get(n, n))
+        if node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape:
+            new.args = _fix_shape_args(node, new.args, heads, hq, head_dim)
+        propagate_meta(new)
+        env[node] = new
+    return env.get(end, replacement)
+
+
+def _fix_shape_args(node: fx.Node, args: tuple, heads: int, hq: int, head_dim: int) -> tuple:
+    """A view/reshape that spells the head count H (or H·D) gets Hq (or Hq·D)."""
+    out_shape = shape_of(node)
+    x, *sizes = args
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    fixed = []
+    for i, size in enumerate(sizes):
+        if isinstance(size, int) and size == heads and out_shape is not None and out_shape[i] == heads:
+            fixed.append(hq)
+        elif isinstance(size, int) and size == heads * head_dim:
+            fixed.append(hq * head_dim)
+        else:
+            fixed.append(size)
+    return (x, *fixed)
+
+
+def _grouped_linear(graph: fx.Graph, linear: fx.Node, heads: int, hq: int, head_dim: int, init: str) -> fx.Node:
+    x, weight, bias = (list(linear.args) + [None])[:3]
+    bias = linear.kwargs.get("bias", bias)
+    group = heads // hq
+    new_w = graph.call_function(_merge_rows, (weight, hq, group, head_dim, init))
+    new_b = graph.call_function(_merge_rows, (bias, hq, group, head_dim, init)) if bias is not None else None
+    new = graph.call_function(_LINEAR, (x, new_w, new_b))
+    for n in (new_w, new_b, new):
+        if n is not None:
+            propagate_meta(n)
+    return new
+
+
+def _merge_rows(w: torch.Tensor, hq: int, group: int, head_dim: int, init: str) -> torch.Tensor:
+    """[H·D, ...] -> [Hq·D, ...]: the mean of each group of heads, or its first head."""
+    grouped = w.reshape(hq, group, head_dim, *w.shape[1:])
+    merged = grouped.mean(dim=1) if init == "mean" else grouped[:, 0]
+    return merged.reshape(hq * head_dim, *w.shape[1:])
+
+
+def _merge_out_columns(w: torch.Tensor, hq: int, group: int, init: str) -> torch.Tensor:
+    """W_O [C, H·D] -> [C, Hq·D]: the sum of each group's columns, or the first head's columns."""
+    c, hd = w.shape
+    grouped = w.reshape(c, hq, group, hd // (hq * group))
+    merged = grouped.sum(dim=2) if init == "mean" else grouped[:, :, 0]
+    return merged.reshape(c, -1)
+
+
+def _grouped_out_weight(graph: fx.Graph, linear: fx.Node, heads: int, hq: int, group: int, init: str):
+    weight = linear.args[1]
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    new_w = graph.call_function(_merge_out_columns, (weight, hq, group, init))
+    propagate_meta(new_w)
+    return new_w, bias
+
+
+def _regroup_kv(graph: fx.Graph, x: Any, kv_heads: int, hkv: int) -> Any:
+    if hkv == kv_heads:
+        return x
+    if kv_heads % hkv == 0:
+        new = graph.call_function(_pool_heads, (x, hkv))
+    else:
+        new = graph.call_function(torch.repeat_interleave, (x, hkv // kv_heads), {"dim": 1})
+    propagate_meta(new)
+    return new
+
+
+def _pool_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, h, t, d = x.shape
+    return x.reshape(b, heads, h // heads, t, d).mean(dim=2)
+
+
+def _headwise(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _HEADWISE_METHODS
+    return node.op == "call_function" and node.target in _HEADWISE_FUNCTIONS
+
+
+def _is_param(node: Any) -> bool:
+    from .graph import is_parameter_placeholder
+
+    return is_parameter_placeholder(node)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+    return seen
+
+

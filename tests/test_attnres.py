@@ -1,0 +1,381 @@
+"""AttnRes (VARIANTS.md §9): the reference, the rewritten stream, and its parameters on the user's model.
+
+Levels: the reference aggregation against the spec's oracle (zero queries == the pre-norm residual
+net); the rewritten graph against an AttnRes forward written here with explicit loops (nonzero
+queries loaded through model.state_dict()); function preservation on GPT-2 and Llama's own code;
+gradients, training, state_dict round trips and recompiles, which all need the parameters to be
+real parameters of the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import attncc
+from attncc.codegen.reference.attnres import attnres, attnres_stream
+from models import zoo
+
+D = 32
+
+
+def _policy(block_size: int) -> dict:
+    return {"attention": "keep", "residual": {"variant": "attnres", "block_size": block_size}}
+
+
+def _compile(model, block_size: int):
+    be = attncc.backend(_policy(block_size), inner="aot_eager")
+    return torch.compile(model, backend=be), be
+
+
+def _residual(report):
+    return [s for s in report.sites if s.kind == "residual"]
+
+
+def _randomize_attnres(model, seed: int = 1) -> None:
+    """Nonzero queries and key-norm weights, set the way a user would: through the state dict."""
+    g = torch.Generator().manual_seed(seed)
+    state = model.state_dict()
+    for key, value in state.items():
+        if key.startswith("attncc_attnres."):
+            noise = torch.randn(value.shape, generator=g)
+            state[key] = noise if key.endswith(".query") else 1 + 0.5 * noise
+    model.load_state_dict(state)
+
+
+# --- the reference ---------------------------------------------------------------------------------
+
+
+def test_reference_zero_query_is_the_mean_and_one_source_is_identity():
+    sources = [torch.randn(2, 5, D) for _ in range(4)]
+    zero, ones = torch.zeros(D), torch.ones(D)
+    torch.testing.assert_close(attnres(sources, zero, ones), torch.stack(sources).mean(0))
+    assert attnres(sources[:1], zero, ones) is sources[0]
+
+
+def test_reference_weights_follow_the_query():
+    sources = [torch.randn(3, D) for _ in range(3)]
+    query = 50 * F.normalize(sources[1], dim=-1).mean(0)  # points at source 1
+    out = attnres(sources, query, torch.ones(D))
+    assert (out - sources[1]).abs().mean() < (out - sources[0]).abs().mean()
+
+
+@pytest.mark.parametrize("eps,tolerance", [(0.0, 1e-12), (1e-6, 1e-4)], ids=["eps0", "eps1e-6"])
+@pytest.mark.parametrize("block_size", [1, 2, 4, 5, 12])
+def test_reference_zero_queries_equal_the_prenorm_residual_net(block_size, eps, tolerance):
+    """VARIANTS.md §10.3 oracle 1 on a toy 12-sublayer pre-norm net in float64: exact when the norms
+    have no eps, and within eps effects (mean(h²)/c² against eps) otherwise."""
+    torch.manual_seed(0)
+    weights = [torch.randn(D, D, dtype=torch.float64) / math.sqrt(D) for _ in range(12)]
+    sublayers = [lambda x, w=w: torch.tanh(F.layer_norm(x, (D,), eps=eps) @ w) for w in weights]
+    embedding = torch.randn(4, 7, D, dtype=torch.float64)
+    h = embedding
+    for f in sublayers:
+        h = h + f(h)
+    expected = F.layer_norm(h, (D,), eps=eps)
+    zeros = [torch.zeros(D, dtype=torch.float64)] * 13
+    ones = [torch.ones(D, dtype=torch.float64)] * 13
+    out = attnres_stream(embedding, sublayers, zeros, ones, block_size=block_size, eps=1e-6)
+    assert (F.layer_norm(out, (D,), eps=eps) - expected).abs().max() <= tolerance
+
+
+# --- an AttnRes forward written independently of attncc ----------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, norm):
+        super().__init__()
+        self.ln1, self.ln2 = norm(d), norm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def attn(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, 4, d // 4).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d))
+
+    def mlp(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class TinyPreNorm(nn.Module):
+    def __init__(self, norm, layers: int = 3, d: int = D):
+        super().__init__()
+        self.embed = nn.Embedding(64, d)
+        self.blocks = nn.ModuleList([Block(d, norm) for _ in range(layers)])
+        self.ln_f = norm(d)
+        self.head = nn.Linear(d, 64)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def depth_attention(sources, query, weight, eps):
+    """Σ_i softmax_i(w · RMSNorm(v_i)) v_i, one source at a time."""
+    logits = []
+    for v in sources:
+        key = v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight
+        logits.append((key * query).sum(-1))
+    alpha = torch.softmax(torch.stack(logits), dim=0)
+    out = torch.zeros_like(sources[0])
+    for i, v in enumerate(sources):
+        out = out + alpha[i].unsqueeze(-1) * v
+    return out
+
+
+def attnres_forward(model: TinyPreNorm, ids, block_size: int, eps: float):
+    """VARIANTS.md §9.1/§9.2 on TinyPreNorm: blocks of `block_size` sublayers, the embedding as b_0."""
+    params = model.attncc_attnres
+    sublayers = []
+    for block in model.blocks:
+        sublayers += [lambda h, b=block: b.attn(b.ln1(h)), lambda h, b=block: b.mlp(b.ln2(h))]
+    completed = [model.embed(ids)]
+    partial = None
+    for l, f in enumerate(sublayers):
+        sources = completed + ([] if partial is None else [partial])
+        if len(sources) == 1:
+            h = sources[0]
+        else:
+            p = params[f"sublayer_{l}"]
+            h = depth_attention(sources, p.query, p.key_norm.weight, eps)
+        out = f(h)
+        partial = out if partial is None else partial + out
+        if l % block_size == block_size - 1:
+            completed.append(partial)
+            partial = None
+    sources = completed + ([] if partial is None else [partial])
+    h = depth_attention(sources, params["output"].query, params["output"].key_norm.weight, eps)
+    return model.head(model.ln_f(h))
+
+
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": lambda d: nn.RMSNorm(d, eps=1e-6)}
+
+
+@pytest.mark.parametrize("norm,block_size", [("layernorm", 1), ("layernorm", 2), ("rmsnorm", 3), ("layernorm", 4)])
+def test_rewrite_equals_independent_attnres(norm, block_size):
+    torch.manual_seed(0)
+    model = TinyPreNorm(NORMS[norm])
+    ids = torch.randint(0, 64, (2, 9))
+    compiled, be = _compile(model, block_size)
+    compiled(ids)
+    _randomize_attnres(model)
+    eps = model.ln_f.eps
+    assert all(m.key_norm.eps == eps for m in model.attncc_attnres.values())
+    assert all(m.query.abs().sum() > 0 for m in model.attncc_attnres.values())
+
+    torch.testing.assert_close(compiled(ids), attnres_forward(model, ids, block_size, eps), rtol=1e-5, atol=1e-5)
+    sites = _residual(be.report)
+    assert len(sites) == 6 and all(s.status == "rewritten" for s in sites), be.report
+    assert {s.params["block_size"] for s in sites} == {block_size}
+    assert sorted(model.attncc_attnres) == sorted([f"sublayer_{l}" for l in range(1, 6)] + ["output"])
+
+
+# --- function preservation on real model code -------------------------------------------------------
+
+
+def _gpt2(eps: float):
+    from transformers import GPT2Config, GPT2Model
+
+    return GPT2Model(GPT2Config(vocab_size=128, n_embd=D, n_layer=3, n_head=4, n_positions=64, attn_pdrop=0.0,
+                                resid_pdrop=0.0, embd_pdrop=0.0, layer_norm_epsilon=eps, bos_token_id=0,
+                                eos_token_id=0))
+
+
+def _llama(eps: float):
+    from transformers import LlamaConfig, LlamaModel
+
+    return LlamaModel(LlamaConfig(vocab_size=128, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=eps))
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 4])
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_zero_queries_preserve_the_function(build, block_size):
+    """With w = 0 every aggregation is a mean: Norm(h / c) = Norm(h) up to the norm's eps.
+
+    Random-init HF models have hidden states of RMS ~0.02, where eps = 1e-5 is not small against
+    mean(h²)/c², so the model's eps is set to 1e-12 here; the rewrite itself is unchanged.
+    """
+    torch.manual_seed(0)
+    model = build(1e-12)
+    ids = torch.randint(0, 128, (2, 11))
+    compiled, be = _compile(model, block_size)
+    out = compiled(ids)[0]
+    ref = model(ids)[0]
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    sites = _residual(be.report)
+    assert len(sites) == 6 and all(s.status == "rewritten" for s in sites), be.report
+    assert all("function-preserving at init" in s.reason for s in sites)
+
+
+def test_postnorm_rewrite_is_allowed_and_says_it_is_not_preserving():
+    torch.manual_seed(0)
+    model, args, kwargs, layers = zoo.bert("sdpa")
+    compiled, be = _compile(model, 1)
+    out = compiled(*args, **kwargs)[0]
+    assert torch.isfinite(out).all()
+    sites = _residual(be.report)
+    assert len(sites) == 2 * layers and all(s.status == "rewritten" for s in sites)
+    assert all("not function-preserving: post-norm" in s.reason for s in sites)
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attncc.parameters(model)[::2])
+
+
+# --- the parameters: gradients, training, state dict, recompiles -------------------------------------
+
+
+def test_gradients_reach_every_query_and_key_norm():
+    torch.manual_seed(0)
+    model, args, kwargs, layers = zoo.llama("sdpa", layers=3)
+    compiled, _ = _compile(model, 2)
+    weight = torch.randn(2, 11, D)
+    (compiled(*args, **kwargs)[0] * weight).sum().backward()
+    names = dict(model.named_parameters())
+    queries = [n for n in names if n.startswith("attncc_attnres.") and n.endswith(".query")]
+    assert len(queries) == 2 * layers  # sublayers 1..5 and the output
+    assert all(names[n].grad.abs().sum() > 0 for n in queries)  # at w = 0 too
+
+    model.zero_grad()
+    _randomize_attnres(model)
+    (compiled(*args, **kwargs)[0] * weight).sum().backward()
+    attnres_names = [n for n in names if n.startswith("attncc_attnres.")]
+    assert len(attnres_names) == 4 * layers
+    assert all(names[n].grad is not None and names[n].grad.abs().sum() > 0 for n in attnres_names)
+
+
+def test_training_a_tiny_gpt_reduces_the_loss():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=D, n_layer=2, n_head=4, n_positions=32, attn_pdrop=0.0,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0, eos_token_id=0))
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    compiled, be = _compile(model, 1)
+
+    def next_token_loss():  # outside the model: canonicalize drops the `.contiguous()` before HF's label `.view`
+        logits = compiled(ids).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+
+    loss = next_token_loss()  # the first call registers the AttnRes parameters ...
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)  # ... so the optimizer sees them
+    assert {id(p) for p in attncc.parameters(model)} <= {id(p) for g in optimizer.param_groups for p in g["params"]}
+    first = loss.item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = next_token_loss()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+    assert all(m.query.abs().max() > 1e-3 for m in model.attncc_attnres.values())
+    assert len(be.reports) == 1
+
+
+def test_state_dict_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model, args, kwargs, _ = zoo.gpt2("sdpa")
+    compiled, _ = _compile(model, 2)
+    compiled(*args, **kwargs)
+    _randomize_attnres(model)
+    expected = compiled(*args, **kwargs)[0]
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+
+    torch.manual_seed(1)
+    fresh, *_ = zoo.gpt2("sdpa")
+    attncc.prepare(fresh, _policy(2), args, kwargs)  # creates the AttnRes parameters, so the keys match
+    assert sorted(fresh.state_dict()) == sorted(model.state_dict())
+    fresh.load_state_dict(torch.load(tmp_path / "model.pt"))
+    compiled_fresh, _ = _compile(fresh, 2)
+    torch.testing.assert_close(compiled_fresh(*args, **kwargs)[0], expected)
+
+
+def test_recompile_reuses_the_parameters():
+    torch.manual_seed(0)
+    model, args, kwargs, _ = zoo.llama("sdpa")
+    compiled, be = _compile(model, 1)
+    compiled(*args, **kwargs)
+    before = attncc.parameters(model)
+    out = compiled(torch.randint(0, 128, (2, 7)), **kwargs)[0]  # a new length: dynamo recompiles
+    assert len(be.reports) == 2
+    assert all(s.status == "rewritten" for s in _residual(be.reports[1]))
+    after = attncc.parameters(model)
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
+    assert attncc.parameters(compiled) == after
+    out.sum().backward()
+    assert all(p.grad is not None for p in before[::2])
+
+
+def test_each_model_instance_gets_its_own_parameters():
+    """Graphs reference a model's parameters, so a second instance of the class must recompile."""
+    torch.manual_seed(0)
+    first, args, kwargs, _ = zoo.llama("sdpa")
+    second, *_ = zoo.llama("sdpa")
+    be = attncc.backend(_policy(1), inner="aot_eager")
+    torch.compile(first, backend=be)(*args, **kwargs)
+    out = torch.compile(second, backend=be)(*args, **kwargs)[0]
+    assert len(be.reports) == 2
+    assert not {id(p) for p in attncc.parameters(first)} & {id(p) for p in attncc.parameters(second)}
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(p.grad is None for p in attncc.parameters(first))
+    assert all(p.grad is not None for p in attncc.parameters(second))
+
+
+def test_model_not_found_says_how_to_fix_it(monkeypatch):
+    import attncc.passes.residual as residual
+
+    monkeypatch.setattr(residual, "_model_from_dynamo", lambda node, param: None)
+    model = TinyPreNorm(nn.LayerNorm, layers=1)
+    ids = torch.randint(0, 64, (2, 5))
+    with pytest.raises(Exception, match=r"attncc\.prepare\(model\)"):
+        _compile(model, 1)[0](ids)
+
+    torch._dynamo.reset()
+    attncc.prepare(model)  # no example inputs: only makes the model known to the backend
+    assert attncc.parameters(model) == []
+    compiled, be = _compile(model, 1)
+    compiled(ids)
+    assert len(attncc.parameters(model)) == 2 * 2  # sublayer_1 and the output: query + key norm each
+
+
+def test_prepare_creates_parameters_before_the_first_compile():
+    model = TinyPreNorm(nn.LayerNorm, layers=2)
+    ids = torch.randint(0, 64, (2, 5))
+    assert attncc.prepare(model, {"attention": "keep"}, (ids,)) is model
+    assert attncc.parameters(model) == []  # residual keep: nothing to create
+    attncc.prepare(model, _policy(2), (ids,))
+    created = attncc.parameters(model)
+    assert len(created) == 2 * 4 and all(p.requires_grad for p in created)
+    assert all(m.query.abs().sum() == 0 for m in model.attncc_attnres.values())
+    compiled, _ = _compile(model, 2)
+    compiled(ids)
+    assert all(a is b for a, b in zip(attncc.parameters(model), created))
+
+
+class GraphBreak(TinyPreNorm):
+    def forward(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+            torch._dynamo.graph_break()
+        return self.head(self.ln_f(x))
+
+
+def test_a_stream_split_by_a_graph_break_is_left_alone():
+    torch.manual_seed(0)
+    model = GraphBreak(nn.LayerNorm, layers=2)
+    ids = torch.randint(0, 64, (2, 5))
+    compiled, be = _compile(model, 1)
+    torch.testing.assert_close(compiled(ids), model(ids))
+    sites = _residual(be.report)
+    assert sites and all(s.status == "unsupported" and "graph break" in s.reason for s in sites), be.report
+    assert attncc.parameters(model) == []

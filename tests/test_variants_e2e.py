@@ -1,0 +1,158 @@
+"""End to end: a tiny Llama and a tiny GPT-2 compiled with each variant's policy equal the same model
+whose attention forward is replaced by that variant's reference (through transformers' own
+AttentionInterface, so the comparison does not depend on attncc's matcher)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+
+import attncc
+from attncc.codegen.reference.linear import lightning_decay_rates, linear_attention
+from attncc.codegen.reference.mala import mala_attention
+from attncc.codegen.reference.softplus import softplus_attention
+from attncc.codegen.reference.sparse import sparse_attention
+from models import zoo
+
+LAYERS = 2
+
+
+def linear_ref(q, k, v, *, causal, key_padding, module, scaling):
+    return linear_attention(q, k, v, causal=causal, key_padding=key_padding)
+
+
+def lightning_ref(q, k, v, *, causal, key_padding, module, scaling):
+    rates = lightning_decay_rates(q.shape[1], module.layer_idx, LAYERS)
+    return linear_attention(q, k, v, causal=causal, normalize=False, feature_map="relu", decay=rates,
+                            key_padding=key_padding)
+
+
+def window_ref(q, k, v, *, causal, key_padding, module, scaling):
+    return sparse_attention(q, k, v, scale=scaling, pattern="sliding_window", window=4, sinks=2,
+                            key_padding=key_padding)
+
+
+def power_ref(q, k, v, *, causal, key_padding, module, scaling):
+    return sparse_attention(q, k, v, scale=scaling, pattern="power", block=2, window_blocks=2, key_padding=key_padding)
+
+
+def lssar_ref(q, k, v, *, causal, key_padding, module, scaling):
+    return softplus_attention(q, k, v, causal=causal, reweight_p=3.0, key_padding=key_padding)
+
+
+def lssa_ref(q, k, v, *, causal, key_padding, module, scaling):
+    return softplus_attention(q, k, v, causal=causal, reweight_p=0.0, key_padding=key_padding)
+
+
+def mala_ref(q, k, v, *, causal, key_padding, module, scaling):
+    return mala_attention(q, k, v, causal=causal, key_padding=key_padding)
+
+
+VARIANTS = {
+    "linear": ({"variant": "linear"}, linear_ref),
+    "lightning": ({"variant": "linear", "decay": "lightning", "normalize": False, "feature_map": "relu"}, lightning_ref),
+    "sliding_window": ({"variant": "sparse", "pattern": "sliding_window", "window": 4, "sinks": 2}, window_ref),
+    "power": ({"variant": "sparse", "pattern": "power", "block": 2, "window_blocks": 2}, power_ref),
+    "lssar": ({"variant": "softplus", "reweight_p": 3}, lssar_ref),
+    "lssa": ({"variant": "softplus", "reweight_p": 0}, lssa_ref),
+    "mala": ({"variant": "mala"}, mala_ref),
+}
+
+_current = {}
+
+
+def _attncc_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """An attention forward for transformers: the variant's reference with the model's own padding."""
+    fn = _current["fn"]
+    padding = _current["padding"]
+    key_padding = None if padding is None else padding.bool()
+    out = fn(query, key, value, causal=True, key_padding=key_padding, module=module,
+             scaling=scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("attncc_reference", _attncc_reference)
+
+
+def _cases():
+    for name in ("llama", "gpt2"):
+        for variant in VARIANTS:
+            for padding in (False, True):
+                yield pytest.param(name, variant, padding, id=f"{name}-{variant}-{'pad' if padding else 'nopad'}")
+
+
+@pytest.mark.parametrize("name,variant,padding", list(_cases()))
+def test_variant_equals_reference_model(name, variant, padding):
+    policy, fn = VARIANTS[variant]
+    torch.manual_seed(0)
+    model, args, kwargs, layers = getattr(zoo, name)("sdpa", padding, layers=LAYERS)
+    model.eval()
+    be = attncc.backend({"attention": {"default": policy}}, inner="aot_eager")
+    out = torch.compile(model, backend=be)(*args, **kwargs)[0]
+    report = be.report
+    assert report.count("rewritten") == layers, report
+
+    model.config._attn_implementation = "attncc_reference"
+    model.set_attn_implementation("attncc_reference") if hasattr(model, "set_attn_implementation") else None
+    _current.update(fn=fn, padding=kwargs.get("attention_mask"))
+    ref = model(*args, **kwargs)[0]
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err <= 1e-5, f"relative error {err:.3g}"
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    weight = torch.randn_like(ref)
+    grads = torch.autograd.grad((out * weight).sum(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), params, allow_unused=True)
+    largest = max(r.abs().max().item() for r in ref_grads if r is not None)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            assert (g - r).abs().max().item() <= 1e-5 * max(r.abs().max().item(), 1e-3 * largest)
+
+
+def test_mixed_policy_by_layer_range():
+    torch.manual_seed(0)
+    model, args, kwargs, _ = zoo.llama("sdpa", layers=4)
+    policy = {"attention": {"default": "keep", "rules": [
+        {"where": {"layers": "0"}, "use": "softmax"},
+        {"where": {"layers": "1-2"}, "use": {"variant": "linear", "feature_map": "relu"}},
+        {"where": {"layers": "3-"}, "use": {"variant": "sparse", "window": 4}},
+    ]}}
+    be = attncc.backend(policy, inner="aot_eager")
+    out = torch.compile(model, backend=be)(*args, **kwargs)[0]
+    sites = sorted(be.report.attention(), key=lambda s: s.layer)
+    assert [s.variant for s in sites] == ["softmax", "linear", "linear", "sparse"]
+    assert all(s.status == "rewritten" for s in sites)
+    assert sites[1].params["feature_map"] == "relu"
+    assert out.isfinite().all()
+
+
+def test_causal_only_form_refuses_cross_and_bidirectional_sites():
+    from spellings import B, C, T, CrossAttention
+
+    be = attncc.backend({"attention": {"variant": "sparse", "window": 4}}, inner="aot_eager")
+    model = CrossAttention()
+    x = torch.randn(B, T, C)
+    torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))
+    (site,) = be.report.attention()
+    assert site.status == "unsupported" and "causal pattern" in site.reason
+
+
+def test_sparse_refuses_a_mask_it_cannot_combine_with():
+    from spellings import B, C, T, SdpaAdditiveMask
+
+    be = attncc.backend({"attention": {"variant": "sparse", "window": 4}}, inner="aot_eager")
+    model = SdpaAdditiveMask()
+    x = torch.randn(B, T, C)
+    torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))
+    (site,) = be.report.attention()
+    assert site.status == "unsupported" and "'other' mask" in site.reason
+
+
+def test_decay_refuses_bidirectional_site():
+    torch.manual_seed(0)
+    model, args, kwargs, _ = zoo.bert("sdpa")
+    be = attncc.backend({"attention": {"variant": "linear", "decay": "lightning"}}, inner="aot_eager")
+    out = torch.compile(model, backend=be)(*args, **kwargs)[0]
+    torch.testing.assert_close(out, model(*args, **kwargs)[0])
+    assert {s.status for s in be.report.attention()} == {"unsupported"}
