@@ -28,6 +28,33 @@ def use_kernels(kernels: str, *tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors)
 
 
+def flash_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+    """Why the flash kernel cannot run these tensors (the reference runs instead), or None."""
+    from attncc.codegen.triton.flash import supports
+
+    if q.dim() != 4:
+        return "flash kernel needs 4-D [B, H, T, D] tensors"
+    if v.shape[-1] != q.shape[-1]:
+        return f"flash kernel needs the value head dim ({v.shape[-1]}) to equal the head dim ({q.shape[-1]})"
+    if dropout_p:
+        return "flash kernel has no attention dropout"
+    ok, reason = supports(q.shape[-1], q.dtype)
+    return None if ok else reason
+
+
+def kernel_mask(mask_kind: str) -> tuple[str, bool, int, bool] | None:
+    """(pattern, causal, window, needs key padding) for a mask kind the flash kernel serves, else None."""
+    base, _, padding = mask_kind.partition("+")
+    padded = base == "padding" or padding == "padding"
+    if base in ("none", "padding"):
+        return "dense", False, 0, padded
+    if base == "causal":
+        return "dense", True, 0, padded
+    if base.startswith("sliding_window("):
+        return "sliding_window", True, int(base[len("sliding_window("):-1]), padded
+    return None
+
+
 def softmax_site(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -38,8 +65,18 @@ def softmax_site(
     causal: bool,
     dropout_p: float = 0.0,
     kernels: str = "auto",
+    mask_kind: str = "other",
 ) -> torch.Tensor:
-    """Softmax attention with the site's own math (VARIANTS.md §1)."""
+    """Softmax attention with the site's own math (VARIANTS.md §1): the flash kernel when it can serve
+    the site's mask (none, causal, sliding window, padding), else the reference."""
+    served = kernel_mask(mask_kind) if mask is not None else ("dense", causal, 0, False)
+    if use_kernels(kernels, q, k, v) and served is not None and not flash_unsupported(q, k, v, dropout_p):
+        from attncc.codegen import ops
+
+        pattern, is_causal, window, padded = served
+        q, scale = _scaled(q, scale)
+        key_padding = key_padding_from_mask(mask, q.shape[0]) if padded else None
+        return ops.flash(q, k, v, key_padding, scale=scale, causal=is_causal, pattern=pattern, window=window)
     return softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p)
 
 
@@ -78,6 +115,11 @@ def sparse_site(q, k, v, mask, scale, *, pattern: str, window: int, sinks: int, 
     from attncc.codegen.reference.sparse import sparse_attention
 
     q, scale = _scaled(q, scale)
+    if pattern != "block" and use_kernels(kernels, q, k, v) and not flash_unsupported(q, k, v):
+        from attncc.codegen import ops
+
+        return ops.flash(q, k, v, _padding(mask, q), scale=scale, causal=True, pattern=pattern, window=window,
+                         sinks=sinks, block=block, window_blocks=window_blocks)
     mask_mod = None
     if pattern == "block":
         mask_mod = Sparse(pattern="block", mask=mask_fn).load_mask()

@@ -226,12 +226,30 @@ def rewrite_softmax(ctx: Context, state: SiteState) -> str | None:
         new = graph.call_function(
             dispatch.softmax_site,
             (match.q, k, match.v, mask, scale),
-            {"causal": causal, "dropout_p": match.dropout_p, "kernels": ctx.options.kernels},
+            {"causal": causal, "dropout_p": match.dropout_p, "kernels": ctx.options.kernels, "mask_kind": str(kind)},
         )
     new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace") if key in match.output.meta})
     match.output.replace_all_uses_with(new)
-    state.site.kernel = "reference"
+    served = dispatch.kernel_mask(str(kind)) if mask is not None else ("dense", causal, 0, False)
+    state.site.kernel = _kernel_name(ctx, match, served, match.dropout_p)
     return None
+
+
+def _kernel_name(ctx: Context, match: AttentionMatch, served, dropout_p: float = 0.0,
+                 sparse: dict | None = None) -> str:
+    """The kernel a site will run, decided as dispatch will decide it at trace time, from the example values."""
+    from attncc.codegen import emit
+
+    q, k, v = (meta_value(x.node if isinstance(x, TransposeOf) else x) for x in (match.q, match.k, match.v))
+    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or served is None:
+        return "reference"
+    if not dispatch.use_kernels(ctx.options.kernels, q, k, v):
+        return "reference"
+    why = dispatch.flash_unsupported(q, k, v, dropout_p)
+    if why:
+        return f"reference ({why})"
+    pattern, causal, window, padded = served
+    return emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=padded, **(sparse or {})).name
 
 
 REWRITERS["softmax"] = rewrite_softmax
@@ -378,6 +396,10 @@ def rewrite_sparse(ctx: Context, state: SiteState) -> str | None:
     _insert_site(ctx, state, dispatch.sparse_site, True,
                  dict(pattern=v.pattern, window=v.window, sinks=v.sinks, block=v.block,
                       window_blocks=v.window_blocks, mask_fn=v.mask, causal=state.mask.causal))
+    if v.pattern != "block":
+        served = (v.pattern, True, v.window, state.mask.padding)
+        extra = {"sinks": v.sinks} if v.pattern == "sliding_window" else {"block": v.block, "window_blocks": v.window_blocks}
+        state.site.kernel = _kernel_name(ctx, state.match, served, sparse=extra)
     return None
 
 

@@ -1,0 +1,83 @@
+"""torch.library ops around the emitted kernels, so a rewritten graph stays whole under torch.compile.
+
+    attncc::flash_attention(q, k, v, key_padding?, scale, causal, pattern, window, sinks, block,
+                            window_blocks) -> (o, lse)
+    attncc::flash_attention_backward(do, q, k, v, o, lse, key_padding?, <same constants>) -> (dq, dk, dv)
+
+The constants are the kernel's specialization (Triton constexprs); tensors are the only runtime
+inputs. Fake implementations return exactly the strides the real ops return (contiguous outputs),
+because Inductor asserts them. Autograd of the forward op calls the backward op, which runs the
+backward kernels. custom_op (not triton_op) is used because it compiles on the GPU and, under
+TRITON_INTERPRET=1, on the CPU too (ENV.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.codegen import emit
+
+
+@torch.library.custom_op("attncc::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+                    scale: float, causal: bool, pattern: str, window: int, sinks: int, block: int,
+                    window_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from attncc.codegen.triton.flash import flash_attention_fwd
+
+    emit.record(emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, sinks=sinks, block=block,
+                                window_blocks=window_blocks, padded=key_padding is not None))
+    return flash_attention_fwd(q, k, v, scale=scale, causal=causal, pattern=pattern, window=window, sinks=sinks,
+                               block=block, window_blocks=window_blocks, key_padding=key_padding)
+
+
+@flash_attention.register_fake
+def _(q, k, v, key_padding, scale, causal, pattern, window, sinks, block, window_blocks):
+    b, h, tq, _ = q.shape
+    o = q.new_empty((b, h, tq, v.shape[-1]))
+    lse = q.new_empty((b, h, tq), dtype=torch.float32)
+    return o, lse
+
+
+@torch.library.custom_op("attncc::flash_attention_backward", mutates_args=())
+def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                             lse: torch.Tensor, key_padding: torch.Tensor | None, scale: float, causal: bool,
+                             pattern: str, window: int, sinks: int, block: int,
+                             window_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attncc.codegen.triton.flash import flash_attention_bwd
+
+    return flash_attention_bwd(do.contiguous(), q, k, v, o, lse, scale=scale, causal=causal, pattern=pattern,
+                               window=window, sinks=sinks, block=block, window_blocks=window_blocks,
+                               key_padding=key_padding)
+
+
+@flash_attention_backward.register_fake
+def _(do, q, k, v, o, lse, key_padding, scale, causal, pattern, window, sinks, block, window_blocks):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+_CONSTANTS = ("scale", "causal", "pattern", "window", "sinks", "block", "window_blocks")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding, *constants = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding)
+    ctx.constants = constants
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, key_padding = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, key_padding, *ctx.constants)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash(q, k, v, key_padding, *, scale: float, causal: bool, pattern: str = "dense", window: int = 0,
+          sinks: int = 0, block: int = 128, window_blocks: int = 0) -> torch.Tensor:
+    o, _ = flash_attention(q, k, v, key_padding, float(scale), bool(causal), pattern, int(window), int(sinks),
+                           int(block), int(window_blocks))
+    return o

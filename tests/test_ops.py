@@ -1,0 +1,109 @@
+"""The kernel ops: torch.library registration (opcheck), autograd through the backward kernels, and the
+kernel path end to end under torch.compile (interpreted on the CPU, native on the GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaModel
+
+import attncc
+from attncc.codegen import emit, ops
+from attncc.codegen.reference.softmax import softmax_attention
+from models import zoo
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+OP_CASES = [
+    pytest.param(dict(causal=False, pattern="dense"), False, id="dense"),
+    pytest.param(dict(causal=True, pattern="dense"), True, id="causal-padded"),
+    pytest.param(dict(causal=True, pattern="sliding_window", window=8, sinks=2), False, id="window"),
+    pytest.param(dict(causal=True, pattern="power", block=4, window_blocks=1), True, id="power-padded"),
+]
+
+
+@pytest.mark.parametrize("constants,padded", OP_CASES)
+def test_opcheck(constants, padded):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 20, 16, generator=g).to(DEVICE).requires_grad_()
+    k = torch.randn(1, 2, 20, 16, generator=g).to(DEVICE).requires_grad_()
+    v = torch.randn(1, 2, 20, 16, generator=g).to(DEVICE).requires_grad_()
+    key_padding = None
+    if padded:
+        key_padding = torch.ones(1, 20, dtype=torch.bool, device=DEVICE)
+        key_padding[0, -3:] = False
+    args = (q, k, v, key_padding, 0.25, constants["causal"], constants["pattern"], constants.get("window", 0),
+            constants.get("sinks", 0), constants.get("block", 128), constants.get("window_blocks", 0))
+    torch.library.opcheck(torch.ops.attncc.flash_attention.default, args)
+
+
+def test_flash_op_gradients_match_reference():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    out = ops.flash(q, k, v, None, scale=0.25, causal=True)
+    ref = softmax_attention(q, k, v, scale=0.25, causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    w = torch.randn_like(out)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _llama16(padding: bool):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      attn_implementation="sdpa")
+    kwargs = {"use_cache": False}
+    if padding:
+        kwargs["attention_mask"] = zoo.padding_mask(2, 23).to(DEVICE)
+    return LlamaModel(cfg).to(DEVICE), (zoo._ids(2, 23).to(DEVICE),), kwargs
+
+
+@pytest.mark.parametrize("policy,kernel", [
+    ("softmax", "flash_dense_causal_d16_g2_fp32"),
+    ({"variant": "sparse", "window": 8, "sinks": 2}, "flash_sliding_window_causal_w8_s2_d16_g2_fp32"),
+    ({"variant": "sparse", "pattern": "power", "block": 4, "window_blocks": 2}, "flash_power_causal_b4_wb2_d16_g2_fp32"),
+])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+def test_llama_kernel_path_matches_reference_path(policy, kernel, padding):
+    model, args, kwargs = _llama16(padding)
+    torch._dynamo.reset()
+    reference = attncc.backend({"attention": policy}, inner="aot_eager", kernels="reference")
+    ref = torch.compile(model, backend=reference)(*args, **kwargs)[0]
+    torch._dynamo.reset()
+    kernels = attncc.backend({"attention": policy}, inner="aot_eager", kernels="triton")
+    out = torch.compile(model, backend=kernels, fullgraph=True)(*args, **kwargs)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    sites = kernels.report.attention()
+    expected = kernel.replace("_fp32", "_padded_fp32") if padding else kernel
+    assert [s.kernel for s in sites] == [expected] * 2, kernels.report
+    assert all(s.kernel == "reference" for s in reference.report.attention())
+    assert any(spec.name == expected for spec in emit.EMITTED)
+    w = torch.randn_like(out)
+    params = list(model.parameters())
+    grads = torch.autograd.grad((out * w).sum(), params)
+    ref_grads = torch.autograd.grad((ref * w).sum(), params)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_unsupported_head_dim_falls_back_with_a_reason():
+    model, args, kwargs, _ = zoo.llama("sdpa")  # head dim 8
+    be = attncc.backend({"attention": "softmax"}, inner="aot_eager", kernels="triton")
+    out = torch.compile(model, backend=be)(*args, **kwargs)[0]
+    torch.testing.assert_close(out, model(*args, **kwargs)[0], rtol=1e-5, atol=1e-5)
+    (site, _) = be.report.attention()
+    assert site.kernel.startswith("reference (") and "head dim 8" in site.kernel
+
+
+def test_kernel_sources_are_dumped(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNCC_DUMP_KERNELS", str(tmp_path))
+    emit.EMITTED.clear()
+    q = torch.randn(1, 2, 16, 16, device=DEVICE)
+    ops.flash(q, q, q, None, scale=0.25, causal=True, pattern="sliding_window", window=4, sinks=1)
+    (path,) = tmp_path.glob("*.py")
+    assert path.name == "flash_sliding_window_causal_w4_s1_d16_g1_fp32.py"
+    text = path.read_text()
+    assert "# w = 4" in text and "def flash_fwd_kernel" in text
