@@ -107,3 +107,29 @@ def test_kernel_sources_are_dumped(tmp_path, monkeypatch):
     assert path.name == "flash_sliding_window_causal_w4_s1_d16_g1_fp32.py"
     text = path.read_text()
     assert "# w = 4" in text and "def flash_fwd_kernel" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", [
+    {"variant": "sparse", "window": 256, "sinks": 4},
+    {"variant": "sparse", "pattern": "power", "block": 128, "window_blocks": 2},
+    "softmax",
+], ids=["window", "power", "softmax"])
+def test_gpu_llama_bf16_kernel_path_matches_reference(policy):
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    model = LlamaModel(cfg).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 1000, (1, 2048), device="cuda")
+    torch._dynamo.reset()
+    ref = torch.compile(model, backend=attncc.backend({"attention": policy}, inner="aot_eager",
+                                                      kernels="reference"))(ids, use_cache=False)[0]
+    torch._dynamo.reset()
+    be = attncc.backend({"attention": policy})  # Inductor, kernels auto -> the flash kernel on CUDA
+    out = torch.compile(model, backend=be)(ids, use_cache=False)[0]
+    assert all(s.kernel.startswith("flash_") for s in be.report.attention()), be.report
+    err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    assert err < 2e-2, err
