@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 import time
 import warnings
 
 import torch
 import triton
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import attncc  # noqa: E402
+import attncc
 
 
 def build(layers: int):

@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
 #   bench/run_gpu.sh tests|flash|model|all
+# attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
+# checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
-pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || pip install -q --no-deps -e . >>"$OUT/install.log" 2>&1
+REPO=$(pwd)
+OUT=${OUT:-$REPO/out}; mkdir -p "$OUT"
+pip install -q --no-deps --no-build-isolation "$REPO" >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+cd /tmp
 what=${1:-all}
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-    python -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 || status=1
-    python -m pytest -q tests/test_ops.py -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ops.log" | tail -5 || status=1
+    python -m pytest -q -m gpu "$REPO/tests" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 || status=1
+    python -m pytest -q "$REPO/tests/test_ops.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ops.log" | tail -5 || status=1
 fi
 if [ "$what" = flash ] || [ "$what" = all ]; then
-    python bench/bench_flash.py --sizes 2048 8192 32768 2>&1 | tee "$OUT/bench_flash.log" | tail -14
+    python "$REPO/bench/bench_flash.py" --sizes 2048 8192 32768 2>&1 | tee "$OUT/bench_flash.log" | tail -14
 fi
 if [ "$what" = model ] || [ "$what" = all ]; then
-    python bench/bench_model.py --sizes 8192 32768 2>&1 | tee "$OUT/bench_model.log" | tail -12
+    python "$REPO/bench/bench_model.py" --sizes 8192 32768 2>&1 | tee "$OUT/bench_model.log" | tail -12
 fi
 exit $status
