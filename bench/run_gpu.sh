@@ -6,8 +6,9 @@
 set -uo pipefail
 REPO=$(pwd)
 OUT=${OUT:-$REPO/out}; mkdir -p "$OUT"
-pip install -q --no-deps --no-build-isolation "$REPO" >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
+python -m pip install -q --no-deps --no-build-isolation --force-reinstall "$REPO" >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 cd /tmp
+python -c "import attncc, attncc.codegen.ops; print(\"attncc from\", attncc.__file__)" || { tail -20 "$OUT/install.log"; exit 1; }
 what=${1:-all}
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then

@@ -140,7 +140,11 @@ def _attention_nodes(ctx: Context):
             unmatched.add(state.site.module)
         else:
             anchors.update((state.match.anchor, state.match.output))
-    return lambda node: node in anchors or (bool(unmatched) and owning_module(node)[0] in unmatched)
+
+    def is_attention(node: fx.Node) -> bool:
+        return node in anchors or (bool(unmatched) and owning_module(node)[0] in unmatched)
+
+    return is_attention
 
 
 @dataclass
@@ -226,9 +230,7 @@ def rewrite_residual(ctx: Context) -> None:
     state_of = {id(s.match): s for s in states}
     streams = _streams([s.match for s in states])
     for stream in streams:
-        problem = stream.problem or _refusal(stream)
-        if len(streams) > 1:
-            problem = f"{len(streams)} residual streams in one graph (encoder-decoder?); AttnRes rewrites a single stream"
+        problem = _refusal(stream, len(streams))
         if problem:
             for m in stream.matches:
                 state_of[id(m)].site.status, state_of[id(m)].site.reason = "unsupported", problem
@@ -238,7 +240,12 @@ def rewrite_residual(ctx: Context) -> None:
     ctx.gm.graph.lint()
 
 
-def _refusal(stream: Stream) -> str | None:
+def _refusal(stream: Stream, n_streams: int) -> str | None:
+    """Why a stream cannot be rewritten, or None."""
+    if n_streams > 1:
+        return f"{n_streams} residual streams in one graph (encoder-decoder?); AttnRes rewrites a single stream"
+    if stream.problem:
+        return stream.problem
     if stream.start.op == "placeholder":
         return "the stream enters this graph as an input (a graph break before it?); AttnRes needs the whole stream in one graph"
     if len({m.pattern for m in stream.matches}) > 1:
@@ -378,7 +385,10 @@ def _find_model(ctx: Context, params: list[fx.Node]) -> tuple[nn.Module, Any, to
     from attncc import AttnccError
 
     values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
-    real = [(node, values.get(node)) for node in params if isinstance(values.get(node), nn.Parameter)]
+    for node in params:
+        if not isinstance(values.get(node), nn.Parameter):
+            values[node] = getattr(node.meta.get("grapharg"), "example", None)
+    real = [(node, values[node]) for node in params if isinstance(values[node], nn.Parameter)]
     for node, param in real:
         found = _model_from_dynamo(node, param)
         if found is not None:
