@@ -138,27 +138,69 @@ def classify_masks(ctx: Context) -> None:
 
 
 def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
-    if match.pattern == "sdpa_attention":
-        if match.attn_mask is None:
-            return NONE
-        if not isinstance(match.attn_mask, fx.Node):
+    """The mask kind on the example inputs; for a graph with symbolic sizes, also at other lengths.
+
+    A graph with static sizes only ever runs at its example's sizes (dynamo guards them), so one
+    evaluation is the whole answer. A graph with symbolic sizes is evaluated again with its size
+    symbols rebound: one length past the example, and one past every integer constant of the mask
+    sub-graph (a window of 4096 only shows beyond 4096 tokens). Every length must give the same
+    structure (padding aside), else the mask is `other`.
+    """
+    target = match.attn_mask if match.pattern == "sdpa_attention" else match.logits
+    if match.pattern == "sdpa_attention" and match.attn_mask is None or match.pattern != "sdpa_attention" and not match.has_mask_ops:
+        return NONE
+    if not isinstance(target, fx.Node):
+        return OTHER
+    kind = _classify_at(ctx, match, target, ctx.placeholder_values(), {})
+    seen = [(match.kv_len, kind)]
+    for values, bindings in ctx.alternative_lengths(_int_constants(target, match)):
+        length = ctx.concrete(meta_value(match.k).shape[-2], bindings) if shape_of(match.k) else None
+        seen.append((length, _classify_at(ctx, match, target, values, bindings)))
+    windows = {k.window for _, k in seen if k.window is not None}
+    if len(windows) > 1:
+        return OTHER
+    window = next(iter(windows), None)
+    final = ("sliding_window", window) if window is not None else _structure(kind)
+    for length, other in seen:
+        # a window of w looks causal at w tokens or fewer
+        hidden = final[0] == "sliding_window" and _structure(other)[0] == "causal" and length is not None and length <= window
+        if _structure(other) != final and not hidden:
             return OTHER
-        target, seed = match.attn_mask, {}
-    else:
-        if not match.has_mask_ops:
-            return NONE
-        s_shape = shape_of(match.scores)
-        concrete = [static_int(d) for d in s_shape]
-        if any(d is None for d in concrete):
-            return OTHER
+    if window is not None and kind.window is None:
+        return MaskKind(kind.kind.replace("causal", "sliding_window"), window)
+    return kind
+
+
+def _structure(kind: MaskKind) -> tuple[str, int | None]:
+    """A mask kind without its padding (padding comes from the inputs' values, not the structure)."""
+    base = kind.kind.replace("+padding", "")
+    return ("none" if base == "padding" else base), kind.window
+
+
+def _classify_at(ctx: Context, match: AttentionMatch, target: fx.Node, values: dict, bindings: dict) -> MaskKind:
+    seed = {}
+    if match.pattern != "sdpa_attention":
         value = meta_value(match.scores)
-        target = match.logits
-        seed = {match.scores: torch.zeros(concrete, dtype=value.dtype, device=value.device)}
-    bias = ctx.evaluate(target, seed)
+        shape = [ctx.concrete(d, bindings) for d in value.shape]
+        if any(d is None for d in shape):
+            return OTHER
+        seed = {match.scores: torch.zeros(shape, dtype=value.dtype, device=value.device)}
+    bias = evaluate_mask(ctx, target, seed, values)
     if bias is None:
         return OTHER
     allowed, pure = allowed_from_bias(bias)
     return classify(allowed, pure)
+
+
+def _int_constants(target: fx.Node, match: AttentionMatch) -> set[int]:
+    """Integer literals in the mask sub-graph (candidate window sizes)."""
+    stop = {match.scores} if match.scores is not None else set()
+    found: set[int] = set()
+    for node in ancestors([target], stop=stop) - stop:
+        for arg in torch.utils._pytree.tree_leaves((node.args, node.kwargs)):
+            if isinstance(arg, int) and not isinstance(arg, bool) and 1 < abs(arg) <= 1 << 16:
+                found.add(abs(arg))
+    return found
 
 
 def choose_variants(ctx: Context) -> None:
@@ -295,8 +337,8 @@ def _new(graph: fx.Graph, target, args, like: fx.Node | None = None) -> fx.Node:
     return node
 
 
-def evaluate_mask(ctx: Context, target: fx.Node, seed: dict) -> torch.Tensor | None:
-    """Evaluate a mask sub-graph on the example inputs; None when that is not possible or too costly."""
+def evaluate_mask(ctx: Context, target: fx.Node, seed: dict, values: dict | None = None) -> torch.Tensor | None:
+    """Evaluate a mask sub-graph on the example inputs (or `values`); None when impossible or too costly."""
     needed = ancestors([target], stop=set(seed)) - set(seed)
     for node in needed:
         if node.op == "call_function" and node.target in _HEAVY:
@@ -304,7 +346,7 @@ def evaluate_mask(ctx: Context, target: fx.Node, seed: dict) -> torch.Tensor | N
         if _mutates_input(node):
             return None
     try:
-        (value,) = evaluate([target], ctx.placeholder_values(), seed)
+        (value,) = evaluate([target], ctx.placeholder_values() if values is None else values, seed)
     except Exception:
         return None
     return value if isinstance(value, torch.Tensor) else None

@@ -68,10 +68,57 @@ class Context:
             values[node] = value
         return values
 
-    def evaluate(self, target: fx.Node, seed: dict) -> torch.Tensor | None:
-        from .attention import evaluate_mask
+    def concrete(self, size: Any, bindings: dict) -> int | None:
+        """A size at the example's values (bindings empty) or with its symbols rebound."""
+        if isinstance(size, int):
+            return size
+        if isinstance(size, torch.SymInt):
+            if not bindings:
+                hint = size.node.hint
+                return None if hint is None else int(hint)
+            try:
+                return int(size.node.expr.xreplace(bindings))
+            except (TypeError, ValueError):
+                return None
+        return None
 
-        return evaluate_mask(self, target, seed)
+    def alternative_lengths(self, constants: set[int], limit: int = 5000) -> list[tuple[dict, dict]]:
+        """Placeholder values with every size symbol rebound to other lengths, for symbolic graphs.
+
+        Tensor inputs are rebuilt at the new sizes (ones, so they carry no padding); yields
+        (values, {symbol: new size}) pairs. Empty for a graph with static sizes.
+        """
+        nodes = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        symbols = {}
+        for node, value in zip(nodes, self.example_inputs):
+            if isinstance(value, torch.SymInt) and value.node.hint is not None and value.node.expr.is_Symbol:
+                symbols[value.node.expr] = int(value.node.hint)
+        if not symbols:
+            return []
+        base = max(symbols.values())
+        lengths = sorted({base + 5} | {c + 3 for c in constants if base < c + 3 <= limit})
+        out = []
+        for length in lengths:
+            bindings = {sym: (length if hint == base else hint) for sym, hint in symbols.items()}
+            values = self._values_with(nodes, bindings)
+            if values is not None:
+                out.append((values, bindings))
+        return out
+
+    def _values_with(self, nodes: list[fx.Node], bindings: dict) -> dict | None:
+        values = {}
+        for node, value in zip(nodes, self.example_inputs):
+            if isinstance(value, torch.SymInt):
+                values[node] = int(value.node.expr.xreplace(bindings))
+            elif isinstance(value, torch.Tensor) and not _is_fake(value):
+                fake = node.meta.get("example_value")
+                shape = [self.concrete(d, bindings) for d in (fake.shape if isinstance(fake, torch.Tensor) else ())]
+                if any(d is None for d in shape):
+                    return None
+                values[node] = value if tuple(shape) == tuple(value.shape) else torch.ones(shape, dtype=value.dtype, device=value.device)
+            else:
+                values[node] = value
+        return values
 
 
 def _is_fake(t: torch.Tensor) -> bool:
