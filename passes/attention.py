@@ -125,7 +125,7 @@ def classify_masks(ctx: Context) -> None:
     """Decide each site's mask kind from the mask's values on the example inputs."""
     for state in ctx.sites:
         match = state.match
-        if match is None:
+        if match is None or state.site.kind != "attention":
             continue
         kind = _classify(ctx, match)
         if match.is_causal:
@@ -232,7 +232,7 @@ REWRITERS: dict[str, Any] = {}
 def rewrite_attention(ctx: Context) -> None:
     """Replace each chosen site by its variant's op; sites kept or refused stay as they are."""
     for state in ctx.sites:
-        if state.match is None or state.variant is None:
+        if state.match is None or state.variant is None or state.site.kind != "attention":
             continue
         name = state.variant.variant
         if name == "keep":

@@ -13,7 +13,7 @@ Dynamo graphs hold torch-level calls in every spelling a model author used: `q @
     cast        Tensor.to(x, dtype)               (.float(), .half(), .type_as(y), .to(...))
     dropout     F.dropout(x, p, training)
     masked_fill torch.masked_fill(x, mask, value)
-    identity    contiguous(), clone() and same-dtype casts are removed
+    identity    same-dtype casts are removed (contiguous() stays: a later .view() may need it)
 
 A rule is a function `(node) -> Canonical | None`; the rules live in one table, RULES.
 """
@@ -276,7 +276,6 @@ _FUNCTION_RULES: dict[Any, Callable[[fx.Node], Canonical | None]] = {
     getattr: getattr_mT,
 }
 
-_IDENTITY_METHODS = {"contiguous"}
 
 
 def _rule_for(node: fx.Node):
@@ -293,8 +292,6 @@ def _rule_for(node: fx.Node):
 
 
 def _is_identity(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target in _IDENTITY_METHODS and len(node.args) == 1 and not node.kwargs:
-        return True
     if node.op == "call_method" and node.target == "to" and len(node.args) == 2:
         src, dst = meta_value(node.args[0]), meta_value(node)
         return (

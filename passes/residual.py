@@ -101,7 +101,8 @@ def prepare(model: nn.Module, policy: Any = None, example_args: Any = None,
         example_args = (example_args,)
     torch.compile(model, backend=be)(*example_args, **(example_kwargs or {}))
     if not parameters(model):
-        raise attncc.AttnccError(f"attncc.prepare found no residual stream to rewrite in {type(model).__name__}:\n{be.report}")
+        name = type(model).__name__
+        raise attncc.AttnccError(f"attncc.prepare found no residual stream to rewrite in {name}:\n{be.report}")
     return model
 
 
@@ -246,12 +247,13 @@ def _refusal(stream: Stream, n_streams: int) -> str | None:
         return f"{n_streams} residual streams in one graph (encoder-decoder?); AttnRes rewrites a single stream"
     if stream.problem:
         return stream.problem
+    whole = "AttnRes needs the whole stream in one graph"
     if stream.start.op == "placeholder":
-        return "the stream enters this graph as an input (a graph break before it?); AttnRes needs the whole stream in one graph"
+        return f"the stream enters this graph as an input (a graph break before it?); {whole}"
     if len({m.pattern for m in stream.matches}) > 1:
         return "the stream mixes pre-norm and post-norm sublayers"
     if stream.matches[-1].pattern == "prenorm_residual" and all(u.op == "output" for u in stream.end.users):
-        return "the stream leaves this graph without a final norm (a graph break after it?); AttnRes needs the whole stream in one graph"
+        return f"the stream leaves this graph without a final norm (a graph break after it?); {whole}"
     shape = shape_of(stream.start)
     if not shape or static_int(shape[-1]) is None:
         return "the stream's hidden size is not static"
@@ -283,7 +285,8 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, states: list[
             return sources[0]
         depth = queries[key]
         query = insert("get_attr", _gm_parameter(ctx.gm, source, (key, "query"), depth.query))
-        norm_weight = insert("get_attr", _gm_parameter(ctx.gm, source, (key, "key_norm", "weight"), depth.key_norm.weight))
+        weight = depth.key_norm.weight
+        norm_weight = insert("get_attr", _gm_parameter(ctx.gm, source, (key, "key_norm", "weight"), weight))
         node = insert("call_function", attnres, (list(sources), query, norm_weight), {"eps": depth.key_norm.eps})
         node.meta["example_value"] = meta_value(like_node)
         node.meta["nn_module_stack"] = dict(like_node.meta.get("nn_module_stack", {}))

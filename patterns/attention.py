@@ -102,7 +102,8 @@ def _is_call(node: Any, target) -> bool:
 
 
 def _is_cast(node: Any) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_method" and node.target == "to"
+    """A dtype cast (canonical `to`) or a `contiguous()`: value-preserving steps the walks pass through."""
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in ("to", "contiguous")
 
 
 def _is_scalar(x: Any) -> bool:

@@ -141,7 +141,9 @@ def _reads_parameter(node: fx.Node, hops: int = 2) -> bool:
     if is_parameter_placeholder(node):
         return True
     inputs = node.all_input_nodes
-    return hops > 0 and node.op in ("call_function", "call_method") and len(inputs) == 1 and _reads_parameter(inputs[0], hops - 1)
+    if hops == 0 or node.op not in ("call_function", "call_method") or len(inputs) != 1:
+        return False
+    return _reads_parameter(inputs[0], hops - 1)
 
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
@@ -205,12 +207,12 @@ def match_residual(
         return None
     sublayer = "attention" if attention else "mlp"
 
-    readers = [u for u in h.users if u in inside]
-    post_readers = list(add.users)
+    readers = [u for u in h.users if u in inside]  # the branch's first nodes
+    after = list(add.users)
     if readers and all(norm_kind(u) for u in readers):
         pattern, entry, output = "prenorm_residual", readers[0], add
-    elif post_readers and all(norm_kind(u) for u in post_readers) and len({norm_output(u, order) for u in post_readers}) == 1:
-        pattern, entry = "postnorm_residual", post_readers[0]
+    elif after and all(norm_kind(u) for u in after) and len({norm_output(u, order) for u in after}) == 1:
+        pattern, entry = "postnorm_residual", after[0]
         output = norm_output(entry, order)
     else:
         raise NoMatch(f"{sublayer} sublayer reads the stream without a norm and no norm follows the add")

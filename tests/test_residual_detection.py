@@ -144,7 +144,8 @@ class Unnumbered(nn.Module):
     def __init__(self, d: int = 32):
         super().__init__()
         self.embed = nn.Embedding(64, d)
-        self.first, self.second = PatternBlock(d, "layernorm", prenorm_residual), PatternBlock(d, "layernorm", prenorm_residual)
+        self.first = PatternBlock(d, "layernorm", prenorm_residual)
+        self.second = PatternBlock(d, "layernorm", prenorm_residual)
         self.ln_f = nn.LayerNorm(d)
 
     def forward(self, ids):
