@@ -254,27 +254,52 @@ def rewrite_attention(ctx: Context) -> None:
 
 def rewrite_softmax(ctx: Context, state: SiteState) -> str | None:
     match, kind = state.match, state.mask
+    dense = kind not in (NONE, CAUSAL)
+    causal = kind.causal and not dense
+    _replace_site(ctx, state, dispatch.softmax_site, mask=dense, scale=True,
+                  consts={"causal": causal, "dropout_p": match.dropout_p, "mask_kind": str(kind)})
+    served = dispatch.kernel_mask(str(kind)) if dense else ("dense", causal, 0, False)
+    state.site.kernel = _kernel_name(ctx, match, served, match.dropout_p)
+    return None
+
+
+def _replace_site(ctx: Context, state: SiteState, fn, *, mask: bool, scale: bool, consts: dict[str, Any]) -> None:
+    """Replace the matched site by `fn(q, k, v, mask | None[, scale], **consts, kernels=...)`.
+
+    q, k, v go in as [.., H, T, D]; a site whose scores were viewed to other leading dims (bmm on
+    [B·H, T, D] viewed to [B, H, T, T]) is run in the scores' view and its output viewed back.
+    """
+    match = state.match
     graph = ctx.gm.graph
     with graph.inserting_before(match.output):
         k = match.k
         if isinstance(k, TransposeOf):
             k = _new(graph, torch.transpose, (k.node, -2, -1), like=k.node)
-        scale = _scale_node(graph, match)
-        mask = None
-        causal = kind.causal
-        if kind not in (NONE, CAUSAL):
-            mask = _mask_node(graph, match)
-            causal = False
-        new = graph.call_function(
-            dispatch.softmax_site,
-            (match.q, k, match.v, mask, scale),
-            {"causal": causal, "dropout_p": match.dropout_p, "kernels": ctx.options.kernels, "mask_kind": str(kind)},
-        )
-    new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace") if key in match.output.meta})
+        q, v = match.q, match.v
+        if match.view_lead is not None:
+            q, k, v = (_new(graph, torch.reshape, (x, (*match.view_lead, *value.shape[-2:])))
+                       for x, value in zip((q, k, v), _site_values(match)))
+        args = (q, k, v, _mask_node(graph, match) if mask else None)
+        if scale:
+            args += (_scale_node(graph, match),)
+        new = graph.call_function(fn, args, {**consts, "kernels": ctx.options.kernels})
+        if match.view_lead is not None:
+            new = _new(graph, torch.reshape, (new, tuple(shape_of(match.output))))
+    new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
+                     if key in match.output.meta})
     match.output.replace_all_uses_with(new)
-    served = dispatch.kernel_mask(str(kind)) if mask is not None else ("dense", causal, 0, False)
-    state.site.kernel = _kernel_name(ctx, match, served, match.dropout_p)
-    return None
+    state.site.kernel = "reference"
+    if match.dropout_p and fn is not dispatch.softmax_site:
+        state.site.reason = f"attention dropout p={match.dropout_p} is not part of {state.variant.variant}"
+
+
+def _site_values(match: AttentionMatch) -> tuple:
+    """Example values of q, k, v as the site's op receives them (k un-transposed, in the scores' view)."""
+    q, v = meta_value(match.q), meta_value(match.v)
+    k = meta_value(match.k.node).transpose(-2, -1) if isinstance(match.k, TransposeOf) else meta_value(match.k)
+    if match.view_lead is not None:
+        q, k, v = (x.reshape(*match.view_lead, *x.shape[-2:]) for x in (q, k, v))
+    return q, k, v
 
 
 def _kernel_name(ctx: Context, match: AttentionMatch, served, dropout_p: float = 0.0,
@@ -282,7 +307,7 @@ def _kernel_name(ctx: Context, match: AttentionMatch, served, dropout_p: float =
     """The kernel a site will run, decided as dispatch will decide it at trace time, from the example values."""
     from attncc.codegen import emit
 
-    q, k, v = (meta_value(x.node if isinstance(x, TransposeOf) else x) for x in (match.q, match.k, match.v))
+    q, k, v = _site_values(match)
     if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or served is None:
         return "reference"
     if not dispatch.use_kernels(ctx.options.kernels, q, k, v):
@@ -373,7 +398,8 @@ CAUSAL_KINDS = ("causal", "causal+padding")
 def _check_site(state: SiteState, kinds: tuple[str, ...], variant: str) -> str | None:
     """Why a site cannot take a variant, or None."""
     match, kind = state.match, state.mask
-    if match.q_len is None or shape_of(match.q) is None or len(shape_of(match.q)) != 4:
+    q = _site_values(match)[0]
+    if match.q_len is None or not isinstance(q, torch.Tensor) or q.dim() != 4:
         return f"{variant} needs 4-D [B, H, T, D] q/k/v with static sizes"
     if kind.kind not in kinds:
         return f"{variant} cannot serve a '{kind}' mask (it serves: {', '.join(kinds)}); site left unchanged"
@@ -383,22 +409,8 @@ def _check_site(state: SiteState, kinds: tuple[str, ...], variant: str) -> str |
 
 
 def _insert_site(ctx: Context, state: SiteState, fn, with_scale: bool, consts: dict[str, Any]) -> None:
-    """Replace the matched site by `fn(q, k, v, key_mask[, scale], **consts)`."""
-    match = state.match
-    graph = ctx.gm.graph
-    with graph.inserting_before(match.output):
-        k = match.k
-        if isinstance(k, TransposeOf):
-            k = _new(graph, torch.transpose, (k.node, -2, -1), like=k.node)
-        mask = _mask_node(graph, match) if state.mask.padding else None
-        args = (match.q, k, match.v, mask) + ((_scale_node(graph, match),) if with_scale else ())
-        new = graph.call_function(fn, args, {**consts, "kernels": ctx.options.kernels})
-    new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
-                     if key in match.output.meta})
-    match.output.replace_all_uses_with(new)
-    state.site.kernel = "reference"
-    if match.dropout_p:
-        state.site.reason = f"attention dropout p={match.dropout_p} is not part of {state.variant.variant}"
+    """A variant's op, given the site's key padding (when its mask has padding) and, if asked, its scale."""
+    _replace_site(ctx, state, fn, mask=state.mask.padding, scale=with_scale, consts=consts)
 
 
 def rewrite_linear(ctx: Context, state: SiteState) -> str | None:

@@ -37,6 +37,8 @@ class Refused(Exception):
 def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
     match, variant = state.match, state.variant
     heads, kv_heads, head_dim = match.heads, match.kv_heads, match.head_dim
+    if match.view_lead is not None:
+        return "sqa needs q/k/v with their own head dim (these are flattened into the batch)"
     if None in (heads, kv_heads, head_dim) or shape_of(match.q) is None or len(shape_of(match.q)) != 4:
         return "sqa needs 4-D [B, H, T, D] q/k/v with static head counts"
     hq = variant.query_heads or heads // 2

@@ -22,6 +22,7 @@ like attention (a softmax over the last dim, or an SDPA call).
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,37 +57,46 @@ class AttentionMatch:
     logits: fx.Node | None = None
     has_mask_ops: bool = False
     score_ops: list[fx.Node] = field(default_factory=list)  # softmax input back to the scores
+    view_lead: tuple[int, ...] | None = None  # leading dims of the scores' view, when q/k/v have others
     interior: list[fx.Node] = field(default_factory=list)
+
+    def shapes(self) -> tuple[tuple | None, tuple | None, tuple | None]:
+        """Shapes of q, k, v as the site's op receives them: k un-transposed, in the scores' view."""
+        q, v = shape_of(self.q), shape_of(self.v)
+        k = shape_of(self.k.node) if isinstance(self.k, TransposeOf) else shape_of(self.k)
+        if isinstance(self.k, TransposeOf) and k is not None:
+            k = (*k[:-2], k[-1], k[-2])
+        if self.view_lead is not None:
+            q, k, v = ((*self.view_lead, *x[-2:]) if x is not None else None for x in (q, k, v))
+        return q, k, v
+
+    def _dim(self, tensor: int, dim: int) -> int | None:
+        shape = self.shapes()[tensor]
+        return static_int(shape[dim]) if shape is not None and len(shape) >= -dim else None
 
     @property
     def heads(self) -> int | None:
-        shape = shape_of(self.q)
-        return static_int(shape[-3]) if shape and len(shape) >= 3 else None
+        return self._dim(0, -3)
 
     @property
     def kv_heads(self) -> int | None:
-        shape = shape_of(self.k)
-        return static_int(shape[-3]) if shape and len(shape) >= 3 else None
+        return self._dim(1, -3)
 
     @property
     def head_dim(self) -> int | None:
-        shape = shape_of(self.q)
-        return static_int(shape[-1]) if shape else None
+        return self._dim(0, -1)
 
     @property
     def value_dim(self) -> int | None:
-        shape = shape_of(self.v)
-        return static_int(shape[-1]) if shape else None
+        return self._dim(2, -1)
 
     @property
     def q_len(self) -> int | None:
-        shape = shape_of(self.q)
-        return static_int(shape[-2]) if shape else None
+        return self._dim(0, -2)
 
     @property
     def kv_len(self) -> int | None:
-        shape = shape_of(self.k)
-        return static_int(shape[-2]) if shape else None
+        return self._dim(1, -2)
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -207,17 +217,22 @@ def match_softmax_chain(softmax: fx.Node) -> AttentionMatch:
         k, k_scale, k_direct = None, [], b
     scale_terms = scale_terms + q_scale + k_scale
     v = probs_out.args[1]
-    if not _is_activation_matmul(probs_out) or ndim_of(v) != ndim_of(q):
+    if not _is_activation_matmul(probs_out):
         raise NoMatch("the probabilities are not multiplied with a value tensor")
     if k is None:
         k = TransposeOf(k_direct)
-    q_shape, v_shape, s_shape = shape_of(q), shape_of(v), shape_of(scores)
+    q_shape, v_shape, s_shape, l_shape = shape_of(q), shape_of(v), shape_of(scores), shape_of(logits)
     if s_shape[-1] != v_shape[-2]:
         raise NoMatch("the value length differs from the key length")
-    if q_shape[:-2] != s_shape[:-2] or v_shape[:-2] != s_shape[:-2]:
-        raise NoMatch("batch dims of q, scores and v differ")
+    view_lead = None
+    if q_shape[:-2] != l_shape[:-2] or v_shape[:-2] != l_shape[:-2]:
+        view_lead = tuple(static_int(d) for d in l_shape[:-2])
+        if None in view_lead or any(static_int(d) is None for d in (*q_shape, *v_shape)):
+            raise NoMatch("the scores are viewed to other leading dims, with symbolic sizes")
+        if not (math.prod(view_lead) == math.prod(q_shape[:-2]) == math.prod(v_shape[:-2])):
+            raise NoMatch("batch dims of q, scores and v differ")
     group = 1
-    if not isinstance(k, TransposeOf):
+    if not isinstance(k, TransposeOf) and view_lead is None:
         k, v, group = _unrepeat_kv(q, k, v)
     return AttentionMatch(
         pattern="softmax_attention",
@@ -234,6 +249,7 @@ def match_softmax_chain(softmax: fx.Node) -> AttentionMatch:
         logits=logits,
         has_mask_ops=has_mask_ops,
         score_ops=before,
+        view_lead=view_lead,
         interior=before + [softmax] + after,
     )
 
@@ -257,7 +273,7 @@ def _walk_to_scores(logits: fx.Node):
         if not isinstance(node, fx.Node):
             raise NoMatch("the softmax input is not computed from a q·kᵀ product")
         chain.append(node)
-        if _is_cast(node):
+        if _is_cast(node) or _is_lead_view(node):
             node = node.args[0]
         elif _is_call(node, operator.mul) and _is_scalar(node.args[1]):
             scale_terms.append(node.args[1])
@@ -281,6 +297,15 @@ def _walk_to_scores(logits: fx.Node):
     raise NoMatch("the chain from q·kᵀ to the softmax is too long")
 
 
+def _is_lead_view(node: Any) -> bool:
+    """A view/reshape that only regroups leading dims: [B·H, T, T'] <-> [B, H, T, T']."""
+    if not (isinstance(node, fx.Node) and (node.op == "call_method" and node.target in ("view", "reshape")
+                                           or _is_call(node, torch.reshape))):
+        return False
+    out, inp = shape_of(node), shape_of(node.args[0])
+    return out is not None and inp is not None and len(out) >= 3 and len(inp) >= 3 and out[-2:] == inp[-2:]
+
+
 def _scores_side(a: Any, b: Any) -> fx.Node:
     """Of two operands, the one that carries the scores (reaches a q·kᵀ matmul through the chain)."""
     hits = [x for x in (a, b) if _reaches_scores(x)]
@@ -295,7 +320,7 @@ def _reaches_scores(node: Any, depth: int = 16) -> bool:
             return False
         if _is_activation_matmul(node):
             return True
-        if _is_cast(node) or _is_call(node, torch.masked_fill):
+        if _is_cast(node) or _is_lead_view(node) or _is_call(node, torch.masked_fill):
             node = node.args[0]
         elif (_is_call(node, operator.mul) or _is_call(node, operator.truediv)) and _is_scalar(node.args[1]):
             node = node.args[0]
@@ -319,7 +344,7 @@ def _walk_to_value_product(softmax: fx.Node):
             others = ", ".join(u.name for u in users) or "nothing"
             raise NoMatch(f"the attention probabilities ({node.name}) are used by {others}, not only by the product with v")
         (user,) = users
-        if _is_cast(user):
+        if _is_cast(user) or _is_lead_view(user):
             node = user
         elif _is_call(user, F.dropout):
             p, training = user.args[1], user.args[2]

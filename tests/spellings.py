@@ -102,6 +102,21 @@ class BmmFlattened(Projections):
         return self.merge(o.view(x.shape[0], H, x.shape[1], D))
 
 
+class BmmViewedScores(Projections):
+    """Older OPT/BART style: bmm on [B*H, T, D], scores viewed to [B, H, T, T] for the mask and back."""
+
+    expected = (1, "causal")
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (y.reshape(b * H, t, D) for y in self.heads(x))
+        s = torch.bmm(q * D**-0.5, k.transpose(1, 2))
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        s = (s.view(b, H, t, t) + mask).view(b * H, t, t)
+        o = torch.bmm(F.softmax(s, dim=-1), v)
+        return self.merge(o.view(b, H, t, D))
+
+
 class PrePermutedKey(Projections):
     """k arrives already transposed ([B, H, D, T]) from a permute of the projection."""
 
@@ -220,7 +235,7 @@ class TwoLayers(nn.Module):
 
 
 ATTENTION_MODULES = [
-    MatmulDiv, AtMTMulCausalFill, EinsumWhereFinfo, ScaleOnQ, ScaleOnBoth, BmmFlattened, PrePermutedKey,
+    MatmulDiv, AtMTMulCausalFill, EinsumWhereFinfo, ScaleOnQ, ScaleOnBoth, BmmFlattened, BmmViewedScores, PrePermutedKey,
     RepeatKvGqa, RepeatInterleaveMqa, SdpaEnableGqa, SdpaBoolMaskScale, SdpaAdditiveMask, TrilTriuMask,
     CrossAttention, TwoLayers,
 ]

@@ -351,3 +351,11 @@ def test_no_attention_warns():
         warnings.filterwarnings("error", message=".*found no attention")  # a keep policy wants nothing
         torch._dynamo.reset()
         torch.compile(model, backend=attncc.backend({"attention": "keep"}, inner="eager"))(x)
+
+
+def test_verify_skips_variants_that_change_the_function():
+    model, x = _model(), _x()
+    be = attncc.backend({"attention": {"variant": "linear"}}, inner="eager", verify=True)
+    with pytest.warns(UserWarning, match="only checks function-preserving rewrites; this graph also has linear"):
+        torch.compile(model, backend=be)(x)
+    assert be.report.count("rewritten") == 2
