@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from attncc.codegen.reference.softmax import softmax_attention
-from attncc.policy import Sparse
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
@@ -102,17 +101,15 @@ def _scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor,
 
 def linear_site(q, k, v, mask, *, causal: bool, feature_map: str, normalize: bool,
                 decay_rates: tuple[float, ...] | None, eps: float, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen.reference.linear import linear_attention
+    from attncc.codegen import reference_ops
 
     decay = None if decay_rates is None else torch.tensor(decay_rates, dtype=torch.float32, device=q.device)
-    return linear_attention(q, k, v, causal=causal, feature_map=feature_map, normalize=normalize, decay=decay,
-                            eps=eps, key_padding=_padding(mask, q))
+    return reference_ops.linear_attention(q, k, v, _padding(mask, q), decay, causal, feature_map, normalize, eps)
 
 
 def sparse_site(q, k, v, mask, scale, *, pattern: str, window: int, sinks: int, block: int, window_blocks: int,
                 mask_fn: str | None, causal: bool, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen.reference.masks import and_masks, causal as causal_mask
-    from attncc.codegen.reference.sparse import sparse_attention
+    from attncc.codegen import reference_ops
 
     q, scale = _scaled(q, scale)
     if pattern != "block" and use_kernels(kernels, q, k, v) and not flash_unsupported(q, k, v):
@@ -120,22 +117,17 @@ def sparse_site(q, k, v, mask, scale, *, pattern: str, window: int, sinks: int, 
 
         return ops.flash(q, k, v, _padding(mask, q), scale=scale, causal=True, pattern=pattern, window=window,
                          sinks=sinks, block=block, window_blocks=window_blocks)
-    mask_mod = None
-    if pattern == "block":
-        mask_mod = Sparse(pattern="block", mask=mask_fn).load_mask()
-        if causal:
-            mask_mod = and_masks(causal_mask(), mask_mod)
-    return sparse_attention(q, k, v, scale=scale, pattern=pattern, window=window, sinks=sinks, block=block,
-                            window_blocks=window_blocks, mask_mod=mask_mod, key_padding=_padding(mask, q))
+    return reference_ops.sparse_attention(q, k, v, _padding(mask, q), scale, pattern, window, sinks, block,
+                                          window_blocks, mask_fn, causal)
 
 
 def softplus_site(q, k, v, mask, *, causal: bool, reweight_p: float, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen.reference.softplus import softplus_attention
+    from attncc.codegen import reference_ops
 
-    return softplus_attention(q, k, v, causal=causal, reweight_p=reweight_p, key_padding=_padding(mask, q))
+    return reference_ops.softplus_attention(q, k, v, _padding(mask, q), causal, float(reweight_p))
 
 
 def mala_site(q, k, v, mask, *, causal: bool, sim_scale: float | None, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen.reference.mala import mala_attention
+    from attncc.codegen import reference_ops
 
-    return mala_attention(q, k, v, causal=causal, sim_scale=sim_scale, key_padding=_padding(mask, q))
+    return reference_ops.mala_attention(q, k, v, _padding(mask, q), causal, sim_scale)

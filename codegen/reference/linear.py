@@ -136,9 +136,16 @@ def _rates(decay: Tensor | None, heads: int, device: torch.device) -> Tensor:
         raise ValueError(
             f"decay must be a rate tensor of shape ({heads},) (one per query head), got {tuple(decay.shape)}"
         )
-    if not torch.compiler.is_compiling() and bool((decay < 0).any()):
+    if not torch.compiler.is_compiling() and _any_negative(decay):
         raise ValueError("decay rates s must be >= 0 (λ = exp(-s) must lie in (0, 1])")
     return decay.to(device=device, dtype=torch.float32)
+
+
+def _any_negative(decay: Tensor) -> bool:
+    try:
+        return bool((decay < 0).any())
+    except Exception:  # traced (fake or functional tensors): the value is unknown here
+        return False
 
 
 def _bidirectional(q: Tensor, k: Tensor, v: Tensor, normalize: bool, eps: float) -> Tensor:
