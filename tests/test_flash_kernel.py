@@ -20,6 +20,7 @@ from attncc.codegen.triton.flash import (
     supports,
     visited_tiles,
 )
+from reference_cases import assert_close_scaled, is_power_of_two_or_zero, make_key_padding
 
 # The interpreter converts 1-element arrays to scalars in loop bounds; numpy<2.4 only warns about it.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -78,10 +79,6 @@ def poison_outputs(monkeypatch):
     monkeypatch.setenv("ATTNCC_POISON", "1")
 
 
-def is_power_of_two_or_zero(d):
-    return d == 0 or (d > 0 and d & (d - 1) == 0)
-
-
 def allowed(i, j, spec):
     """The allowed set, one (query i, key j) pair at a time (VARIANTS.md §1, §8.1, §8.2)."""
     if spec["pattern"] == "dense":
@@ -94,19 +91,6 @@ def allowed(i, j, spec):
 
 def allowed_matrix(Tq, Tk, spec):
     return torch.tensor([[allowed(i, j, spec) for j in range(Tk)] for i in range(Tq)], dtype=torch.bool)
-
-
-def make_key_padding(kind, B, T):
-    if kind == "none":
-        return None
-    key_padding = torch.ones(B, T, dtype=torch.bool)
-    for b in range(B):
-        pad = (b + 1) * T // 5
-        if kind == "right":
-            key_padding[b, T - pad:] = False
-        else:
-            key_padding[b, :pad] = False
-    return key_padding
 
 
 def make_inputs(B, H, Hkv, Tq, Tk, D, dtype, layout, device="cpu", seed=0):
@@ -136,16 +120,10 @@ def naive_attention(q, k, v, scale, mask):
     return out, lse
 
 
-def assert_close_scaled(name, actual, expected, tol):
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=tol * scale,
-                               msg=lambda m: f"{name}: {m}")
-
-
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk,D,spec,padding,dtype,layout", CPU_CASES)
 def test_flash_matches_naive(B, H, Hkv, Tq, Tk, D, spec, padding, dtype, layout):
     q, k, v, do = make_inputs(B, H, Hkv, Tq, Tk, D, DTYPES[dtype], layout)
-    key_padding = make_key_padding(padding, B, Tk)
+    key_padding = make_key_padding(padding, B, Tk, divisor=5)
     scale = 1.0 / math.sqrt(D)
 
     o, lse = flash_attention_fwd(q, k, v, scale=scale, key_padding=key_padding, **spec)
@@ -295,7 +273,7 @@ def gpu_mask(Tq, Tk, spec, key_padding, device):
 def test_flash_matches_sdpa_gpu(B, H, Hkv, Tq, Tk, D, spec, padding, dtype, layout):
     device = "cuda"
     q, k, v, do = make_inputs(B, H, Hkv, Tq, Tk, D, DTYPES[dtype], layout, device=device)
-    key_padding = make_key_padding(padding, B, Tk)
+    key_padding = make_key_padding(padding, B, Tk, divisor=5)
     key_padding = None if key_padding is None else key_padding.to(device)
     scale = 1.0 / math.sqrt(D)
 

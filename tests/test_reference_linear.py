@@ -12,66 +12,18 @@ from attncc.codegen.reference.linear import (
     lightning_decay_rates,
     linear_attention,
 )
+from reference_cases import (
+    PADDING,
+    SHAPES_WITH_D12,
+    check_against_naive,
+    elu1,
+    make_key_padding,
+    make_qkv,
+    repeat_kv_heads,
+)
 
 
-def case(B, H, Hkv, T, D, Dv=None):
-    Dv = Dv or D
-    suffix = f"-Dv{Dv}" if Dv != D else ""
-    return pytest.param(B, H, Hkv, T, D, Dv, id=f"B{B}-H{H}-Hkv{Hkv}-T{T}-D{D}{suffix}")
-
-
-SHAPES = [
-    case(1, 1, 1, 1, 8),
-    case(2, 4, 2, 7, 16),
-    case(2, 4, 1, 63, 16, 8),
-    case(1, 4, 4, 130, 8),
-    case(2, 2, 1, 33, 12),
-]
-PADDING = ["none", "right", "left"]
 RATES = torch.tensor([0.5, 0.1, 0.0, 0.02])
-
-
-def make_key_padding(kind, B, T):
-    if kind == "none":
-        return None
-    key_padding = torch.ones(B, T, dtype=torch.bool)
-    for b in range(B):
-        pad = (b + 1) * T // 4
-        if kind == "right":
-            key_padding[b, T - pad :] = False
-        else:
-            key_padding[b, :pad] = False
-    return key_padding
-
-
-def make_qkv(B, H, Hkv, T, D, Dv, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, H, T, D, generator=g),
-        torch.randn(B, Hkv, T, D, generator=g),
-        torch.randn(B, Hkv, T, Dv, generator=g),
-    )
-
-
-def check_against_naive(reference, naive, q, k, v, tol=1e-4):
-    """reference on float32 leaves vs naive on float64 leaves: output and dq, dk, dv."""
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    theirs = [x.double().requires_grad_() for x in (q, k, v)]
-    out, expected = reference(*ours), naive(*theirs)
-    assert out.dtype == q.dtype and out.shape == expected.shape
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * grad_out.float()).sum().backward()
-    (expected * grad_out).sum().backward()
-    pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
-    for name, actual, want in pairs:
-        scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(
-            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
-        )
-
-
-def elu1(x):
-    return torch.where(x > 0, x + 1, torch.exp(x))
 
 
 def taylor2_kernel(q, k):
@@ -88,9 +40,8 @@ KERNELS = {
 
 
 def naive_linear(q, k, v, *, causal, kernel="elu1", normalize=True, rates=None, key_padding=None, eps=1e-6):
-    H, Hkv, Tq, Tk = q.shape[1], k.shape[1], q.shape[2], k.shape[2]
-    kv_head = torch.arange(H) // (H // Hkv)
-    k, v = k[:, kv_head], v[:, kv_head]
+    H, Tq, Tk = q.shape[1], q.shape[2], k.shape[2]
+    k, v = repeat_kv_heads(k, H), repeat_kv_heads(v, H)
     weights = KERNELS[kernel](q, k)
     t, s = torch.arange(Tq).view(-1, 1), torch.arange(Tk).view(1, -1)
     mask = torch.ones(1, 1, Tq, Tk, dtype=torch.float64)
@@ -109,7 +60,7 @@ def naive_linear(q, k, v, *, causal, kernel="elu1", normalize=True, rates=None, 
 
 @pytest.mark.parametrize("pad", PADDING)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("B,H,Hkv,T,D,Dv", SHAPES)
+@pytest.mark.parametrize("B,H,Hkv,T,D,Dv", SHAPES_WITH_D12)
 def test_matches_quadratic_form(B, H, Hkv, T, D, Dv, causal, pad):
     key_padding = make_key_padding(pad, B, T)
     check_against_naive(
@@ -139,7 +90,7 @@ def test_feature_maps(name, normalize, causal):
 @pytest.mark.parametrize("chunk", [7, 64])
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "unnormalized"])
 @pytest.mark.parametrize("pad", PADDING)
-@pytest.mark.parametrize("B,H,Hkv,T,D,Dv", SHAPES)
+@pytest.mark.parametrize("B,H,Hkv,T,D,Dv", SHAPES_WITH_D12)
 def test_decay_matches_masked_decay_matrix(B, H, Hkv, T, D, Dv, pad, normalize, chunk):
     """Lightning-2 intra/inter split (§4.5) == O = ((φQ φKᵀ) ⊙ M) V with M_ts = λ^{t−s} (§4.1)."""
     key_padding, rates = make_key_padding(pad, B, T), RATES[:H]

@@ -5,80 +5,25 @@ import pytest
 import torch
 
 from attncc.codegen.reference.mala import mala_attention
-
-
-def case(B, H, Hkv, T, D, Dv=None):
-    Dv = Dv or D
-    suffix = f"-Dv{Dv}" if Dv != D else ""
-    return pytest.param(B, H, Hkv, T, D, Dv, id=f"B{B}-H{H}-Hkv{Hkv}-T{T}-D{D}{suffix}")
-
-
-SHAPES = [
-    case(1, 1, 1, 1, 8),
-    case(2, 4, 2, 7, 16),
-    case(2, 4, 1, 63, 16, 8),
-    case(1, 4, 4, 130, 8),
-    case(2, 2, 1, 33, 12),
-]
-PADDING = ["none", "right", "left"]
-
-
-def make_key_padding(kind, B, T):
-    if kind == "none":
-        return None
-    key_padding = torch.ones(B, T, dtype=torch.bool)
-    for b in range(B):
-        pad = (b + 1) * T // 4
-        if kind == "right":
-            key_padding[b, T - pad :] = False
-        else:
-            key_padding[b, :pad] = False
-    return key_padding
-
-
-def make_qkv(B, H, Hkv, Tq, D, Dv, Tk=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Tk = Tk or Tq
-    return (
-        torch.randn(B, H, Tq, D, generator=g),
-        torch.randn(B, Hkv, Tk, D, generator=g),
-        torch.randn(B, Hkv, Tk, Dv, generator=g),
-    )
-
-
-def check_against_naive(reference, naive, q, k, v, tol=1e-4):
-    """reference on float32 leaves vs naive on float64 leaves: output and dq, dk, dv."""
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    theirs = [x.double().requires_grad_() for x in (q, k, v)]
-    out, expected = reference(*ours), naive(*theirs)
-    assert out.dtype == q.dtype and out.shape == expected.shape
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * grad_out.float()).sum().backward()
-    (expected * grad_out).sum().backward()
-    pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
-    for name, actual, want in pairs:
-        scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(
-            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
-        )
-
-
-def elu1(x):
-    return torch.where(x > 0, x + 1, torch.exp(x))
+from reference_cases import (
+    PADDING,
+    SHAPES_WITH_D12,
+    causal_padding_mask,
+    check_against_naive,
+    elu1,
+    make_key_padding,
+    make_qkv,
+    repeat_kv_heads,
+)
 
 
 def naive_weights(q, k, *, causal, key_padding=None, sim_scale=None, eps=1e-6):
     """α_ij of §6.1/§6.2 with c_i = s / n_i, n_i = number of allowed keys of row i."""
-    H, Hkv, Tq, Tk, D = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
-    k = k[:, torch.arange(H) // (H // Hkv)]
-    i, j = torch.arange(Tq).view(-1, 1), torch.arange(Tk).view(1, -1)
-    mask = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool)
-    mask = mask.view(1, 1, Tq, Tk).to(q.dtype)
-    if key_padding is not None:
-        mask = mask * key_padding[:, None, None, :]
+    k = repeat_kv_heads(k, q.shape[1])
+    mask = causal_padding_mask(q.shape[2], k.shape[2], causal=causal, key_padding=key_padding, dtype=q.dtype)
     n = mask.sum(dim=-1, keepdim=True)
     n = torch.where(n > 0, n, 1.0)
-    s = D**-0.5 if sim_scale is None else sim_scale
+    s = q.shape[3] ** -0.5 if sim_scale is None else sim_scale
     sim = s / n * (elu1(q) @ elu1(k).mT) * mask
     z = sim.sum(dim=-1, keepdim=True)
     beta, gamma = 1 + 1 / (z + eps), z / n
@@ -86,13 +31,12 @@ def naive_weights(q, k, *, causal, key_padding=None, sim_scale=None, eps=1e-6):
 
 
 def naive_mala(q, k, v, **kwargs):
-    H, Hkv = q.shape[1], k.shape[1]
-    return naive_weights(q, k, **kwargs) @ v[:, torch.arange(H) // (H // Hkv)]
+    return naive_weights(q, k, **kwargs) @ repeat_kv_heads(v, q.shape[1])
 
 
 @pytest.mark.parametrize("pad", PADDING)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("B,H,Hkv,T,D,Dv", SHAPES)
+@pytest.mark.parametrize("B,H,Hkv,T,D,Dv", SHAPES_WITH_D12)
 def test_matches_explicit_weights(B, H, Hkv, T, D, Dv, causal, pad):
     key_padding = make_key_padding(pad, B, T)
     check_against_naive(

@@ -7,71 +7,22 @@ import pytest
 import torch
 
 from attncc.codegen.reference.softplus import softplus_attention
-
-
-def case(B, H, Hkv, T, D, Dv=None):
-    Dv = Dv or D
-    suffix = f"-Dv{Dv}" if Dv != D else ""
-    return pytest.param(B, H, Hkv, T, D, Dv, id=f"B{B}-H{H}-Hkv{Hkv}-T{T}-D{D}{suffix}")
-
-
-SHAPES = [
-    case(1, 1, 1, 1, 8),
-    case(2, 4, 2, 7, 16),
-    case(2, 4, 1, 63, 16, 8),
-    case(1, 4, 4, 130, 8),
-]
-PADDING = ["none", "right", "left"]
-
-
-def make_key_padding(kind, B, T):
-    if kind == "none":
-        return None
-    key_padding = torch.ones(B, T, dtype=torch.bool)
-    for b in range(B):
-        pad = (b + 1) * T // 4
-        if kind == "right":
-            key_padding[b, T - pad :] = False
-        else:
-            key_padding[b, :pad] = False
-    return key_padding
-
-
-def make_qkv(B, H, Hkv, T, D, Dv, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (
-        torch.randn(B, H, T, D, generator=g),
-        torch.randn(B, Hkv, T, D, generator=g),
-        torch.randn(B, Hkv, T, Dv, generator=g),
-    )
-
-
-def check_against_naive(reference, naive, q, k, v, tol=1e-4):
-    """reference on float32 leaves vs naive on float64 leaves: output and dq, dk, dv."""
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    theirs = [x.double().requires_grad_() for x in (q, k, v)]
-    out, expected = reference(*ours), naive(*theirs)
-    assert out.dtype == q.dtype and out.shape == expected.shape
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * grad_out.float()).sum().backward()
-    (expected * grad_out).sum().backward()
-    pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
-    for name, actual, want in pairs:
-        scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(
-            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
-        )
+from reference_cases import (
+    PADDING,
+    SHAPES,
+    causal_padding_mask,
+    check_against_naive,
+    make_key_padding,
+    make_qkv,
+    repeat_kv_heads,
+)
 
 
 def naive_weights(q, k, *, causal, p, key_padding=None, eps=1e-8):
     """Direct formula of §5.1; a row whose re-weights are all zero keeps its LSSA weights."""
-    H, Hkv, Tq, Tk, D = q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3]
-    k = k[:, torch.arange(H) // (H // Hkv)]
-    i, j = torch.arange(Tq).view(-1, 1), torch.arange(Tk).view(1, -1)
-    mask = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool)
-    mask = mask.view(1, 1, Tq, Tk).to(q.dtype)
-    if key_padding is not None:
-        mask = mask * key_padding[:, None, None, :]
+    Tq, D = q.shape[2], q.shape[3]
+    k = repeat_kv_heads(k, q.shape[1])
+    mask = causal_padding_mask(Tq, k.shape[2], causal=causal, key_padding=key_padding, dtype=q.dtype)
     n = mask.sum(dim=-1, keepdim=True)
     c = math.log(D) * torch.log(torch.where(n > 0, n, 1.0))
     cosine = (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).mT
@@ -79,15 +30,14 @@ def naive_weights(q, k, *, causal, p, key_padding=None, eps=1e-8):
     a1 = a / (a.sum(dim=-1, keepdim=True) + eps)
     if p == 0:
         return a1
-    offset = (i >= 3).to(q.dtype)
+    offset = (torch.arange(Tq).view(-1, 1) >= 3).to(q.dtype)
     w = torch.relu(n * a1 - offset) ** p * mask
     total = w.sum(dim=-1, keepdim=True)
     return torch.where(total > 0, w / torch.where(total > 0, total, 1.0), a1)
 
 
 def naive_softplus(q, k, v, **kwargs):
-    H, Hkv = q.shape[1], k.shape[1]
-    return naive_weights(q, k, **kwargs) @ v[:, torch.arange(H) // (H // Hkv)]
+    return naive_weights(q, k, **kwargs) @ repeat_kv_heads(v, q.shape[1])
 
 
 @pytest.mark.parametrize("p", [0.0, 3.0, 15.0], ids=["lssa", "lssar-p3", "lssar-p15"])

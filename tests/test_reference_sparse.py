@@ -8,65 +8,15 @@ import pytest
 import torch
 
 from attncc.codegen.reference.sparse import sparse_attention
-
-
-def case(B, H, Hkv, T, D, Dv=None):
-    Dv = Dv or D
-    suffix = f"-Dv{Dv}" if Dv != D else ""
-    return pytest.param(B, H, Hkv, T, D, Dv, id=f"B{B}-H{H}-Hkv{Hkv}-T{T}-D{D}{suffix}")
-
-
-SHAPES = [
-    case(1, 1, 1, 1, 8),
-    case(2, 4, 2, 7, 16),
-    case(2, 4, 1, 63, 16, 8),
-    case(1, 4, 4, 130, 8),
-]
-PADDING = ["none", "right", "left"]
-
-
-def make_key_padding(kind, B, T):
-    if kind == "none":
-        return None
-    key_padding = torch.ones(B, T, dtype=torch.bool)
-    for b in range(B):
-        pad = (b + 1) * T // 4
-        if kind == "right":
-            key_padding[b, T - pad :] = False
-        else:
-            key_padding[b, :pad] = False
-    return key_padding
-
-
-def make_qkv(B, H, Hkv, Tq, D, Dv, Tk=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    Tk = Tk or Tq
-    return (
-        torch.randn(B, H, Tq, D, generator=g),
-        torch.randn(B, Hkv, Tk, D, generator=g),
-        torch.randn(B, Hkv, Tk, Dv, generator=g),
-    )
-
-
-def check_against_naive(reference, naive, q, k, v, tol=1e-4):
-    """reference on float32 leaves vs naive on float64 leaves: output and dq, dk, dv."""
-    ours = [x.clone().requires_grad_() for x in (q, k, v)]
-    theirs = [x.double().requires_grad_() for x in (q, k, v)]
-    out, expected = reference(*ours), naive(*theirs)
-    assert out.dtype == q.dtype and out.shape == expected.shape
-    grad_out = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * grad_out.float()).sum().backward()
-    (expected * grad_out).sum().backward()
-    pairs = [("out", out, expected)] + [(f"d{n}", a.grad, b.grad) for n, a, b in zip("qkv", ours, theirs)]
-    for name, actual, want in pairs:
-        scale = max(1.0, want.abs().max().item())
-        torch.testing.assert_close(
-            actual.double(), want, rtol=0, atol=tol * scale, msg=lambda m: f"{name}: {m}"
-        )
-
-
-def is_power_of_two_or_zero(d):
-    return d == 0 or (d > 0 and d & (d - 1) == 0)
+from reference_cases import (
+    PADDING,
+    SHAPES,
+    check_against_naive,
+    is_power_of_two_or_zero,
+    make_key_padding,
+    make_qkv,
+    repeat_kv_heads,
+)
 
 
 def allowed_sliding_window(b, h, i, j, *, window, sinks):
@@ -94,9 +44,7 @@ def loop_mask(allowed, B, H, Tq, Tk):
 
 
 def naive_sparse(q, k, v, allowed, key_padding, scale):
-    H, Hkv = q.shape[1], k.shape[1]
-    kv_head = torch.arange(H) // (H // Hkv)
-    k, v = k[:, kv_head], v[:, kv_head]
+    k, v = repeat_kv_heads(k, q.shape[1]), repeat_kv_heads(v, q.shape[1])
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :]
     scores = q @ k.mT * scale
