@@ -4,7 +4,7 @@
     print(attncc.explain(model, example_args, "policy.yaml"))
 """
 
-from attncc.compiler import AttnccError, Backend, VerificationError, backend
+from attncc.compiler import AttnccError, Backend, VerificationError, backend, last_report
 from attncc.explain import explain
 from attncc.policy import Policy, PolicyError, dump_policy, load_policy
 from attncc.report import Report, Site
@@ -21,6 +21,7 @@ __all__ = [
     "backend",
     "dump_policy",
     "explain",
+    "last_report",
     "load_policy",
     "parameters",
     "prepare",

@@ -50,12 +50,17 @@ class Backend:
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
         self.options = Options(inner=inner, kernels=kernels, verify=bool(verify), debug=bool(debug))
-        self.reports: list[Report] = []
+        self.reports: list[Report] = []  # one per compiled graph, recompiles included
+        self._frames: list[Any] = []  # the frame each graph came from
 
     @property
     def report(self) -> Report:
-        merged = Report(policy=self.policy.name, graphs=len(self.reports))
-        for r in self.reports:
+        """All graphs' sites; a recompile of a frame (a new shape, say) replaces that frame's earlier report."""
+        latest: dict[Any, Report] = {}
+        for frame, r in zip(self._frames, self.reports):
+            latest[frame] = r
+        merged = Report(policy=self.policy.name, graphs=len(latest))
+        for r in latest.values():
             merged.sites.extend(r.sites)
             for key, n in r.pattern_hits.items():
                 merged.pattern_hits[key] = merged.pattern_hits.get(key, 0) + n
@@ -69,6 +74,9 @@ class Backend:
         ctx.report.graphs = 1
         gm = run_pipeline(ctx)
         self.reports.append(ctx.report)
+        self._frames.append(_frame_of_current_compile(len(self.reports)))
+        global _LAST
+        _LAST = self
         _warn_if_nothing_found(ctx, self.policy)
         for problem in ctx.policy_warnings:
             warnings.warn(f"{problem} (in this graph; attncc.explain checks the whole model)", stacklevel=2)
@@ -91,6 +99,21 @@ def backend(policy: Policy | dict | str | None = None, **options: Any) -> Backen
     reference), verify (check rewritten sites against the original graph on the first call), debug."""
     _check_option_keys(options, allow_policy=False)
     return Backend(policy, **options)
+
+
+_LAST: Backend | None = None
+
+
+def last_report() -> Report | None:
+    """The report of the attncc backend that compiled last, e.g. after `torch.compile(m, backend="attncc")`."""
+    return None if _LAST is None else _LAST.report
+
+
+def _frame_of_current_compile(fallback: int) -> Any:
+    """The Python frame dynamo is compiling (stable across its recompiles), or a unique key."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    frame = getattr(compile_id, "frame_id", None)
+    return ("frame", frame) if frame is not None else ("graph", fallback)
 
 
 def registered_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):

@@ -359,3 +359,16 @@ def test_verify_skips_variants_that_change_the_function():
     with pytest.warns(UserWarning, match="only checks function-preserving rewrites; this graph also has linear"):
         torch.compile(model, backend=be)(x)
     assert be.report.count("rewritten") == 2
+
+
+def test_recompile_replaces_the_frames_report_and_by_name_report_is_reachable():
+    model = _model()
+    be = attncc.backend(SOFTMAX, inner="eager")
+    compiled = torch.compile(model, backend=be)
+    compiled(_x())
+    compiled(torch.randn(B, T + 3, C))  # a new length: dynamo recompiles the same frame
+    assert len(be.reports) >= 2
+    assert be.report.count("rewritten") == 2, be.report
+    torch._dynamo.reset()
+    torch.compile(model, backend="attncc", options={"policy": SOFTMAX, "inner": "eager"})(_x())
+    assert attncc.last_report().count("rewritten") == 2
