@@ -16,6 +16,7 @@ or repeats the kv heads at the attention's input.
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,60 +57,116 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
     except Refused as why:
         return str(why)
     graph = ctx.gm.graph
-    group = heads // hq
-    with graph.inserting_before(match.output):
-        q_linear, q_nodes = q_chain
-        new_q = _copy_chain(graph, q_linear, q_nodes, match.q, _grouped_linear(graph, q_linear, heads, hq, head_dim,
-                                                                            variant.init), heads, hq, head_dim)
-        k, v = _regroup_kv(graph, match.k, kv_heads, hkv), _regroup_kv(graph, match.v, kv_heads, hkv)
-        from .attention import _scale_node
+    try:  # new nodes only: until the last line nothing of the original graph changes
+        group = heads // hq
+        with graph.inserting_before(match.output):
+            projection, q_nodes = q_chain
+            new_q = _copy_chain(graph, projection.start, q_nodes, match.q,
+                                _grouped_projection(graph, projection, heads, hq, head_dim, variant.init), heads, hq, head_dim)
+            k, v = _regroup_kv(graph, match.k, kv_heads, hkv), _regroup_kv(graph, match.v, kv_heads, hkv)
+            from .attention import _scale_node
 
-        scale = _scale_node(graph, match)
-        mask = None
-        if state.mask.kind not in ("none", "causal"):
-            from .attention import _mask_node
+            scale = _scale_node(graph, match)
+            mask = None
+            if state.mask.kind not in ("none", "causal"):
+                from .attention import _mask_node
 
-            mask = _mask_node(graph, match)
-            mask_shape = shape_of(mask)
-            if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] not in (1,):
-                raise_refusal = f"sqa cannot regroup a per-head mask ({mask_shape})"
-                return raise_refusal
-        from attncc.codegen import dispatch
+                mask = _mask_node(graph, match)
+                mask_shape = shape_of(mask)
+                if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] != 1:
+                    return f"sqa cannot regroup a per-head mask ({mask_shape})"
+            from attncc.codegen import dispatch
 
-        attn = graph.call_function(
-            dispatch.softmax_site, (new_q, k, v, mask, scale),
-            {"causal": state.mask.kind == "causal", "dropout_p": match.dropout_p, "kernels": ctx.options.kernels},
-        )
-        propagate_meta(attn)
-    o_nodes, o_linear = o_chain
-    with graph.inserting_before(o_linear):
-        new_out = _copy_chain(graph, match.output, o_nodes, o_linear.args[0], attn, heads, hq, head_dim)
-        weight, bias = _grouped_out_weight(graph, o_linear, heads, hq, group, variant.init)
-        new_linear = graph.call_function(_LINEAR, (new_out, weight, bias))
-        propagate_meta(new_linear)
-    o_linear.replace_all_uses_with(new_linear)
+            attn = graph.call_function(
+                dispatch.softmax_site, (new_q, k, v, mask, scale),
+                {"causal": state.mask.kind == "causal", "dropout_p": match.dropout_p, "kernels": ctx.options.kernels,
+                 "mask_kind": str(state.mask)},
+            )
+            propagate_meta(attn)
+        o_nodes, o_proj = o_chain
+        o_input = o_proj.args[1] if o_proj.target is torch.addmm else o_proj.args[0]
+        with graph.inserting_before(o_proj):
+            new_out = _copy_chain(graph, match.output, o_nodes, o_input, attn, heads, hq, head_dim)
+            new_proj = _grouped_out(graph, o_proj, new_out, heads, hq, group, variant.init)
+    except (RuntimeError, TypeError, ValueError) as error:  # the new nodes are dead; the pass's cleanup drops them
+        return f"sqa could not rebuild this site with {hq} query heads: {type(error).__name__}: {error}"[:300]
+    o_proj.replace_all_uses_with(new_proj)
     state.site.kernel = "reference"
     state.site.params = {**state.site.params, "query_heads": hq, "kv_heads": hkv}
     state.site.reason = f"{heads} -> {hq} query heads, {kv_heads} -> {hkv} kv heads ({variant.init} init)"
     return None
 
 
-def _producer_chain(q: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """The linear that projects q, and the head-wise nodes between it and q (graph order)."""
+@dataclass
+class _Projection:
+    """Where q's features come from: a linear (weight [out, in]) or an addmm (Conv1D, weight [in, out]),
+    possibly fused with k and v, in which case q is the column range [lo, hi) of its output."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: Any
+    transposed: bool
+    start: fx.Node  # the node whose value is exactly q's features [.., H·D]
+    lo: int | None = None
+    hi: int | None = None
+
+
+def _producer_chain(q: fx.Node) -> tuple[_Projection, list[fx.Node]]:
+    """The projection of q, and the head-wise nodes between q's features and q (graph order)."""
     order = {n: i for i, n in enumerate(q.graph.nodes)}
-    projections = [n for n in ancestors([q]) if n.op == "call_function" and n.target is _LINEAR
-                   and len(n.args) > 1 and _is_param(n.args[1])]
-    if not projections:
-        raise Refused("sqa found no separate query projection (a fused qkv projection is not supported)")
-    linear = max(projections, key=order.__getitem__)
-    between = sorted((ancestors([q]) & _descendants(linear)) - {linear}, key=order.__getitem__)
+    found = [p for n in ancestors([q]) if (p := _as_projection(n)) is not None]
+    if not found:
+        raise Refused("sqa found no query projection (a linear or addmm with a weight parameter)")
+    projection = max(found, key=lambda p: order[p.node])
+    _select_features(projection, q)
+    between = sorted((ancestors([q]) & _descendants(projection.start)) - {projection.start}, key=order.__getitem__)
     for node in between:
         if not _headwise(node):
             raise Refused(f"sqa cannot carry {node.name} ({node.target}) between the query projection and attention")
-        outside = [u for u in node.users if u not in between and u is not q and node is not q]
-        if outside:
-            raise Refused(f"the query tensor {node.name} is also used by {outside[0].name}")
-    return linear, between
+    return projection, between
+
+
+def _as_projection(node: fx.Node) -> _Projection | None:
+    if node.op != "call_function":
+        return None
+    if node.target is _LINEAR and len(node.args) > 1 and _is_param(node.args[1]):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return _Projection(node, node.args[0], node.args[1], bias, False, node)
+    if node.target is torch.addmm and len(node.args) == 3 and _is_param(node.args[2]) and not node.kwargs:
+        bias, x2d, weight = node.args
+        x = x2d.args[0] if isinstance(x2d, fx.Node) and x2d.op == "call_method" and x2d.target in ("view", "reshape") else x2d
+        return _Projection(node, x, weight, bias, True, node)
+    return None
+
+
+def _select_features(projection: _Projection, q: fx.Node) -> None:
+    """For a fused qkv projection, find the split/getitem that picks q's columns; record them."""
+    for node in sorted(ancestors([q]) & _descendants(projection.node), key=lambda n: -len(ancestors([n]))):
+        if not (node.op == "call_function" and node.target is operator.getitem):
+            continue
+        src, index = node.args
+        is_split = isinstance(src, fx.Node) and (src.op == "call_method" and src.target == "split"
+                                                 or src.op == "call_function" and src.target is torch.split)
+        if not is_split or not isinstance(index, int):
+            continue
+        size = src.args[1] if len(src.args) > 1 else src.kwargs.get("split_size")
+        dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
+        ndim = len(shape_of(src.args[0]) or ())
+        if not isinstance(size, int) or dim not in (-1, ndim - 1):
+            raise Refused("sqa cannot follow a split of the fused projection that is not along the features")
+        projection.start, projection.lo, projection.hi = node, index * size, (index + 1) * size
+        _check_fused_path(projection)
+        return
+
+
+def _check_fused_path(projection: _Projection) -> None:
+    """Between the fused projection and the split only views that keep the features last may stand."""
+    for node in _descendants(projection.node) & ancestors([projection.start]):
+        if node in (projection.node, projection.start) or node.target in ("split",) or node.target is torch.split:
+            continue
+        if not (node.op == "call_method" and node.target in ("view", "reshape")):
+            raise Refused(f"sqa cannot follow {node.name} between the fused projection and the split")
 
 
 def _consumer_chain(out: fx.Node) -> tuple[list[fx.Node], fx.Node]:
@@ -122,6 +179,9 @@ def _consumer_chain(out: fx.Node) -> tuple[list[fx.Node], fx.Node]:
             raise Refused("the attention output is used by more than the output projection")
         (user,) = users
         if user.op == "call_function" and user.target is _LINEAR and user.args[0] is node and _is_param(user.args[1]):
+            return nodes, user
+        if (user.op == "call_function" and user.target is torch.addmm and len(user.args) == 3
+                and user.args[1] is node and _is_param(user.args[2])):
             return nodes, user
         if not _headwise(user):
             raise Refused(f"sqa cannot carry {user.name} between attention and the output projection")
@@ -159,17 +219,25 @@ def _fix_shape_args(node: fx.Node, args: tuple, heads: int, hq: int, head_dim: i
     return (x, *fixed)
 
 
-def _grouped_linear(graph: fx.Graph, linear: fx.Node, heads: int, hq: int, head_dim: int, init: str) -> fx.Node:
-    x, weight, bias = (list(linear.args) + [None])[:3]
-    bias = linear.kwargs.get("bias", bias)
+def _call(graph: fx.Graph, target, *args) -> fx.Node:
+    node = graph.call_function(target, args)
+    propagate_meta(node)
+    return node
+
+
+def _grouped_projection(graph: fx.Graph, p: _Projection, heads: int, hq: int, head_dim: int,
+                        init: str) -> fx.Node:
+    """linear(x, W_Q', b_Q'): q's features only, each group of heads merged (VARIANTS.md §7.4)."""
     group = heads // hq
-    new_w = graph.call_function(_merge_rows, (weight, hq, group, head_dim, init))
-    new_b = graph.call_function(_merge_rows, (bias, hq, group, head_dim, init)) if bias is not None else None
-    new = graph.call_function(_LINEAR, (x, new_w, new_b))
-    for n in (new_w, new_b, new):
-        if n is not None:
-            propagate_meta(n)
-    return new
+    weight, bias = p.weight, p.bias
+    if p.transposed:  # Conv1D keeps [in, out]
+        weight = _call(graph, torch.transpose, weight, 0, 1)
+    if p.lo is not None:
+        weight = _call(graph, operator.getitem, weight, slice(p.lo, p.hi))
+        bias = _call(graph, operator.getitem, bias, slice(p.lo, p.hi)) if bias is not None else None
+    new_w = _call(graph, _merge_rows, weight, hq, group, head_dim, init)
+    new_b = _call(graph, _merge_rows, bias, hq, group, head_dim, init) if bias is not None else None
+    return _call(graph, _LINEAR, p.x, new_w, new_b)
 
 
 def _merge_rows(w: torch.Tensor, hq: int, group: int, head_dim: int, init: str) -> torch.Tensor:
@@ -187,12 +255,17 @@ def _merge_out_columns(w: torch.Tensor, hq: int, group: int, init: str) -> torch
     return merged.reshape(c, -1)
 
 
-def _grouped_out_weight(graph: fx.Graph, linear: fx.Node, heads: int, hq: int, group: int, init: str):
-    weight = linear.args[1]
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    new_w = graph.call_function(_merge_out_columns, (weight, hq, group, init))
-    propagate_meta(new_w)
-    return new_w, bias
+def _grouped_out(graph: fx.Graph, out_proj: fx.Node, new_input: fx.Node, heads: int, hq: int, group: int,
+                 init: str) -> fx.Node:
+    """The output projection on Hq heads: each group's W_O columns summed (mean) or the first head's."""
+    if out_proj.target is torch.addmm:  # Conv1D: addmm(bias, x, W [in, out])
+        bias, _, weight = out_proj.args
+        w_t = _call(graph, torch.transpose, weight, 0, 1)
+        merged = _call(graph, _merge_out_columns, w_t, hq, group, init)
+        return _call(graph, torch.addmm, bias, new_input, _call(graph, torch.transpose, merged, 0, 1))
+    weight = out_proj.args[1]
+    bias = out_proj.args[2] if len(out_proj.args) > 2 else out_proj.kwargs.get("bias")
+    return _call(graph, _LINEAR, new_input, _call(graph, _merge_out_columns, weight, hq, group, init), bias)
 
 
 def _regroup_kv(graph: fx.Graph, x: Any, kv_heads: int, hkv: int) -> Any:

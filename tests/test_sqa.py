@@ -66,14 +66,35 @@ def test_sqa_gradients_reach_the_original_parameters():
     assert q is not None and q.abs().sum() > 0 and o is not None and o.abs().sum() > 0
 
 
-def test_sqa_refuses_fused_qkv_projection():
+def test_sqa_on_a_fused_qkv_projection_is_exact_at_full_heads():
+    """GPT-2's Conv1D c_attn computes q, k, v in one addmm; SQA takes q's columns from it."""
     torch.manual_seed(0)
-    model, args, kwargs, _ = zoo.gpt2("sdpa")
-    be = attncc.backend({"attention": {"variant": "sqa", "query_heads": 2, "kv_heads": 2}}, inner="aot_eager")
+    model, args, kwargs, _ = zoo.gpt2("sdpa", padding=True)
+    be = attncc.backend({"attention": {"variant": "sqa", "query_heads": 4, "kv_heads": 4}}, inner="aot_eager")
     out = torch.compile(model, backend=be)(*args, **kwargs)[0]
-    torch.testing.assert_close(out, model(*args, **kwargs)[0])
-    assert {s.status for s in be.report.attention()} == {"unsupported"}
-    assert "fused qkv" in be.report.attention()[0].reason
+    torch.testing.assert_close(out, model(*args, **kwargs)[0], rtol=1e-5, atol=1e-5)
+    assert {s.status for s in be.report.attention()} == {"rewritten"}
+
+
+def test_sqa_refuses_a_per_head_op_it_cannot_regroup():
+    """A learned per-head offset on q has H rows; with fewer heads it cannot apply: refused, unchanged."""
+    from spellings import B, C, T, Projections
+
+    class PerHeadOffset(Projections):
+        def __init__(self):
+            super().__init__()
+            self.offset = torch.nn.Parameter(torch.randn(4, 1, 8))
+
+        def forward(self, x):
+            q, k, v = self.heads(x)
+            return self.merge(torch.nn.functional.scaled_dot_product_attention(q + self.offset, k, v))
+
+    model = PerHeadOffset()
+    x = torch.randn(B, T, C)
+    be = attncc.backend({"attention": {"variant": "sqa", "query_heads": 2}}, inner="aot_eager")
+    torch.testing.assert_close(torch.compile(model, backend=be)(x), model(x))
+    (site,) = be.report.attention()
+    assert site.status == "unsupported" and "could not rebuild" in site.reason
 
 
 @pytest.mark.parametrize("name", ["bert", "vit", "qwen2"])

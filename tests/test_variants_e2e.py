@@ -49,7 +49,36 @@ def mala_ref(q, k, v, *, causal, key_padding, module, scaling):
     return mala_attention(q, k, v, causal=causal, key_padding=key_padding)
 
 
+def sqa_ref(q, k, v, *, causal, key_padding, module, scaling, select=False):
+    """SQA as the attention of merged heads: projecting with the mean of a group's W_Q rows is the mean
+    of the group's projected q heads; summing a group's W_O columns is feeding the group's one output
+    to every head of the group (select: the first head's q, and only the first head's W_O columns)."""
+    from attncc.codegen.reference.softmax import softmax_attention
+
+    b, h, t, d = q.shape
+    hq = 2
+    grouped = q.view(b, hq, h // hq, t, d)
+    q2 = grouped[:, :, 0] if select else grouped.mean(2)
+    pool = lambda x: x.view(b, 2, x.shape[1] // 2, *x.shape[2:]).mean(2)  # noqa: E731
+    k2, v2 = pool(k), pool(v)
+    allowed = torch.ones(t, t, dtype=torch.bool).tril()
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :]
+    o = softmax_attention(q2, k2, v2, scale=scaling, mask=allowed)
+    if select:
+        out = torch.zeros(b, hq, h // hq, t, d, dtype=o.dtype)
+        out[:, :, 0] = o
+        return out.view(b, h, t, d)
+    return o.repeat_interleave(h // hq, dim=1)
+
+
+def sqa_select_ref(q, k, v, **kw):
+    return sqa_ref(q, k, v, select=True, **kw)
+
+
 VARIANTS = {
+    "sqa": ({"variant": "sqa", "query_heads": 2, "kv_heads": 2}, sqa_ref),
+    "sqa_select": ({"variant": "sqa", "query_heads": 2, "kv_heads": 2, "init": "select"}, sqa_select_ref),
     "linear": ({"variant": "linear"}, linear_ref),
     "lightning": ({"variant": "linear", "decay": "lightning", "normalize": False, "feature_map": "relu"}, lightning_ref),
     "sliding_window": ({"variant": "sparse", "pattern": "sliding_window", "window": 4, "sinks": 2}, window_ref),
