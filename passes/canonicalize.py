@@ -13,6 +13,8 @@ Dynamo graphs hold torch-level calls in every spelling a model author used: `q @
     cast        Tensor.to(x, dtype)               (.float(), .half(), .type_as(y), .to(...))
     dropout     F.dropout(x, p, training)
     masked_fill torch.masked_fill(x, mask, value)
+    in place    x *= c, x += y, x /= c become out-of-place when nothing else reads x
+    baddbmm     beta * input + alpha * (b1 @ b2) becomes add(mul, mul(matmul))
     identity    same-dtype casts are removed (contiguous() stays: a later .view() may need it)
 
 A rule is a function `(node) -> Canonical | None`; the rules live in one table, RULES.
@@ -136,6 +138,32 @@ def add(node: fx.Node) -> Canonical | None:
     return _call(operator.add, *_scalar_first(*node.args))
 
 
+def _in_place(rule: Callable[[fx.Node], Canonical | None]) -> Callable[[fx.Node], Canonical | None]:
+    """`x *= c` as `x * c` when nothing else reads x (then the mutation cannot be observed)."""
+
+    def in_place(node: fx.Node) -> Canonical | None:
+        x = node.args[0] if node.args else None
+        if not isinstance(x, fx.Node) or len(x.users) != 1 or x.op == "placeholder":
+            return None
+        return rule(node)
+
+    in_place.__name__ = f"in_place_{rule.__name__}"
+    return in_place
+
+
+def baddbmm(node: fx.Node) -> Canonical | None:
+    """beta * input + alpha * (batch1 @ batch2) (BLOOM's ALiBi scores), expanded by the pass."""
+    names = ("input", "batch1", "batch2")
+    args = dict(zip(names, node.args))
+    args.update({k: v for k, v in node.kwargs.items() if k in names})
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if set(args) != set(names) or set(node.kwargs) - set(names) - {"beta", "alpha"} or len(node.args) > 3:
+        return None
+    if not (_is_number(beta) and _is_number(alpha)):
+        return None
+    return Canonical("baddbmm", (args["input"], args["batch1"], args["batch2"], beta, alpha), {})
+
+
 def div(node: fx.Node) -> Canonical | None:
     if len(node.args) != 2 or node.kwargs:
         return None
@@ -252,9 +280,17 @@ _METHOD_RULES: dict[str, Callable[[fx.Node], Canonical | None]] = {
     "dropout": dropout,
     "masked_fill": masked_fill,
     "where": method_where,
+    "baddbmm": baddbmm,
+    "__imul__": _in_place(mul),
+    "__iadd__": _in_place(add),
+    "__itruediv__": _in_place(div),
 }
 
 _FUNCTION_RULES: dict[Any, Callable[[fx.Node], Canonical | None]] = {
+    operator.imul: _in_place(mul),
+    operator.iadd: _in_place(add),
+    operator.itruediv: _in_place(div),
+    torch.baddbmm: baddbmm,
     operator.matmul: matmul,
     torch.bmm: matmul,
     torch.transpose: transpose,
@@ -316,6 +352,8 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
             continue
         if canon.target == "einsum_matmul":
             _replace_einsum(graph, node, *canon.args)
+        elif canon.target == "baddbmm":
+            _replace_baddbmm(graph, node, *canon.args)
         else:
             node.op, node.target = canon.op, canon.target
             node.args, node.kwargs = canon.args, canon.kwargs
@@ -337,6 +375,25 @@ def _replace_einsum(graph: fx.Graph, node: fx.Node, plan, a, b) -> None:
         if transpose_b:
             b = _transposed(graph, b)
     node.target, node.args, node.kwargs = torch.matmul, (a, b), {}
+
+
+def _replace_baddbmm(graph: fx.Graph, node: fx.Node, bias, a, b, beta, alpha) -> None:
+    with graph.inserting_before(node):
+        product = _derived(graph, torch.matmul, (a, b), like=node)
+        if alpha != 1:
+            product = _derived(graph, operator.mul, (product, float(alpha)), like=node)
+        if beta != 1:
+            bias = _derived(graph, operator.mul, (bias, float(beta)), like=node)
+    node.op, node.target, node.args, node.kwargs = "call_function", operator.add, (product, bias), {}
+
+
+def _derived(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
+    from .graph import propagate_meta
+
+    new = graph.call_function(target, args)
+    new.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
+    propagate_meta(new)
+    return new
 
 
 def _transposed(graph: fx.Graph, x: fx.Node) -> fx.Node:

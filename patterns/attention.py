@@ -225,7 +225,9 @@ def match_softmax_chain(softmax: fx.Node) -> AttentionMatch:
     if s_shape[-1] != v_shape[-2]:
         raise NoMatch("the value length differs from the key length")
     view_lead = None
-    if q_shape[:-2] != l_shape[:-2] or v_shape[:-2] != l_shape[:-2]:
+    if q_shape[:-2] == l_shape[:-2] and _broadcast_heads(v_shape, q_shape):
+        pass  # multi-query by broadcasting: one kv head for all query heads (Falcon)
+    elif q_shape[:-2] != l_shape[:-2] or v_shape[:-2] != l_shape[:-2]:
         view_lead = tuple(static_int(d) for d in l_shape[:-2])
         if None in view_lead or any(static_int(d) is None for d in (*q_shape, *v_shape)):
             raise NoMatch("the scores are viewed to other leading dims, with symbolic sizes")
@@ -297,6 +299,12 @@ def _walk_to_scores(logits: fx.Node):
     raise NoMatch("the chain from q·kᵀ to the softmax is too long")
 
 
+def _broadcast_heads(kv_shape: tuple, q_shape: tuple) -> bool:
+    """kv [B, 1, T, D] against q [B, H, T, D]: matmul broadcasts the single kv head."""
+    return (len(kv_shape) == len(q_shape) >= 3 and kv_shape[-3] == 1 and q_shape[-3] != 1
+            and tuple(kv_shape[:-3]) == tuple(q_shape[:-3]))
+
+
 def _is_lead_view(node: Any) -> bool:
     """A view/reshape that only regroups leading dims: [B·H, T, T'] <-> [B, H, T, T']."""
     if not (isinstance(node, fx.Node) and (node.op == "call_method" and node.target in ("view", "reshape")
@@ -309,8 +317,11 @@ def _is_lead_view(node: Any) -> bool:
 def _scores_side(a: Any, b: Any) -> fx.Node:
     """Of two operands, the one that carries the scores (reaches a q·kᵀ matmul through the chain)."""
     hits = [x for x in (a, b) if _reaches_scores(x)]
+    if not hits:
+        raise NoMatch("the scores reach the softmax through an op that is neither a scale nor a mask "
+                      "(e.g. tanh soft-capping): not standard softmax attention")
     if len(hits) != 1:
-        raise NoMatch("cannot tell the scores from the mask in an add/where")
+        raise NoMatch("both operands of an add/where carry scores: cannot tell the scores from the mask")
     return hits[0]
 
 
