@@ -64,6 +64,8 @@ class Backend:
             merged.sites.extend(r.sites)
             for key, n in r.pattern_hits.items():
                 merged.pattern_hits[key] = merged.pattern_hits.get(key, 0) + n
+            for key, t in r.pass_seconds.items():
+                merged.pass_seconds[key] = merged.pass_seconds.get(key, 0.0) + t
         return merged
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:

@@ -43,6 +43,7 @@ class Report:
     policy: str = ""
     graphs: int = 0
     pattern_hits: dict[str, int] = field(default_factory=dict)
+    pass_seconds: dict[str, float] = field(default_factory=dict)  # time in each pass, summed over graphs
 
     def attention(self) -> list[Site]:
         return [s for s in self.sites if s.kind == "attention"]

@@ -18,6 +18,7 @@ to ATTNCC_DEBUG_DIR (default ./attncc_debug).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -67,8 +68,10 @@ def run_pipeline(ctx: Context) -> fx.GraphModule:
     for index, p in enumerate(PASSES):
         if debug_dir:
             _dump(debug_dir, ctx, index, p.name, "before")
+        start = time.perf_counter()
         p.run(ctx)
         ctx.gm.graph.lint()
+        ctx.report.pass_seconds[p.name] = time.perf_counter() - start
         if debug_dir:
             _dump(debug_dir, ctx, index, p.name, "after")
     ctx.gm.recompile()
