@@ -340,8 +340,10 @@ def _scale_node(graph: fx.Graph, match: AttentionMatch):
     return out
 
 
-def _dynamic_default_scale(graph: fx.Graph, match: AttentionMatch):
-    raise NoMatch("head dim is symbolic and no scale is given")
+def _dynamic_default_scale(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
+    """SDPA's default 1/sqrt(D) for a symbolic head dim, computed in the graph."""
+    head_dim = graph.call_method("size", (match.q, -1))
+    return graph.call_function(operator.pow, (head_dim, -0.5))
 
 
 def _mask_node(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
