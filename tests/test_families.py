@@ -33,6 +33,12 @@ FAMILIES = {
     "mixtral": ({**SMALL, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}, 2),
     "clip_text_model": (SMALL, 2),
     "deit": ({k: v for k, v in SMALL.items() if k != "vocab_size"} | dict(image_size=16, patch_size=4), 2),
+    "modernbert": ({**SMALL, "global_attn_every_n_layers": 2, "local_attention": 4, "pad_token_id": 0}, 2),
+    "deberta-v2": (SMALL, 2),  # disentangled attention: a q-dependent bias, kept dense ("other")
+    "gpt_bigcode": (dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, multi_query=True), 2),
+    "mpt": (dict(d_model=32, n_layers=2, n_heads=4, vocab_size=128, expansion_ratio=2), 2),
+    "electra": ({**SMALL, "embedding_size": 32}, 2),
+    "cohere": ({**SMALL, "num_key_value_heads": 2}, 2),
 }
 ENCODER_DECODER = {"t5", "bart"}
 
