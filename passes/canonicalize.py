@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import meta_value, ndim_of
+from .graph import dtype_of, meta_value, ndim_of
 
 
 @dataclass(frozen=True)
@@ -49,11 +49,6 @@ def _neg_dim(dim: int, ndim: int | None) -> int:
     if dim < 0 or ndim is None:
         return dim
     return dim - ndim
-
-
-def _dtype_of(node) -> torch.dtype | None:
-    value = meta_value(node)
-    return getattr(value, "dtype", None)
 
 
 def _is_number(x) -> bool:
@@ -178,7 +173,7 @@ def div(node: fx.Node) -> Canonical | None:
 def cast(node: fx.Node) -> Canonical | None:
     """Casts that change only the dtype become `to(x, dtype)`; others are left alone."""
     x = node.args[0]
-    out, src = _dtype_of(node), _dtype_of(x)
+    out, src = dtype_of(node), dtype_of(x)
     if out is None or src is None:
         return None
     value, inp = meta_value(node), meta_value(x)

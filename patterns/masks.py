@@ -85,10 +85,3 @@ def classify(allowed: torch.Tensor, pure: bool = True) -> MaskKind:
     if same(causal & (i - j < window)):
         return MaskKind("sliding_window" + suffix, window)
     return OTHER
-
-
-def key_padding_of(allowed: torch.Tensor) -> torch.Tensor:
-    """[B', Tk] True for real keys, read off a may-attend mask of a padding kind."""
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    return allowed[:, 0].any(dim=-2)

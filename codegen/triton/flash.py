@@ -571,16 +571,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
 
 
-def kernel_key(q: torch.Tensor, k: torch.Tensor, *, causal: bool, pattern: str = "dense", window: int = 0,
-               sinks: int = 0, block: int = 128, window_blocks: int = 0, key_padding=None) -> tuple:
-    """The specialization the kernels compile for these inputs (shapes and strides aside)."""
-    spec = _pattern(pattern, causal, window, sinks, block, window_blocks)
-    head_dim = q.shape[-1]
-    return (spec.name, spec.causal, spec.window, spec.sinks, spec.block, spec.window_blocks, head_dim,
-            q.dtype, q.shape[1] // k.shape[1], key_padding is not None, _interpreting(),
-            flash_config(head_dim, spec.name))
-
-
 def _alloc(shape, dtype, device) -> torch.Tensor:
     """torch.empty, or NaN-filled when ATTNCC_POISON=1 so that a tile the kernel forgets shows up."""
     if os.environ.get("ATTNCC_POISON") == "1":
