@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import warnings
 from typing import Any, Callable
 
@@ -49,7 +50,12 @@ class Backend:
             raise ValueError(f"inner={inner!r} is not an inner compiler; valid: {', '.join(INNER_COMPILERS)}")
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels={kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
-        self.options = Options(inner=inner, kernels=kernels, verify=bool(verify), debug=bool(debug))
+        if kernels == "triton":
+            _check_triton_can_run()
+        for name, value in (("verify", verify), ("debug", debug)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r}: expected a bool (True or False), got {type(value).__name__}")
+        self.options = Options(inner=inner, kernels=kernels, verify=verify, debug=debug)
         self.reports: list[Report] = []  # one per compiled graph, recompiles included
         self._frames: list[Any] = []  # the frame each graph came from
 
@@ -69,7 +75,7 @@ class Backend:
         return merged
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
-        original = copy.deepcopy(gm) if self.options.verify else None
+        original = copy.deepcopy(gm)  # the pipeline edits gm in place, canonicalizing even where it rewrites nothing
         ctx = Context(gm=gm, example_inputs=list(example_inputs), policy=self.policy, options=self.options,
                       graph_index=len(self.reports))
         ctx.report.policy = self.policy.name
@@ -82,8 +88,11 @@ class Backend:
         _warn_if_nothing_found(ctx, self.policy)
         for problem in ctx.policy_warnings:
             warnings.warn(f"{problem} (in this graph; attncc.explain checks the whole model)", stacklevel=2)
+        if not ctx.report.count("rewritten"):
+            # nothing rewritten: the inner compiler gets dynamo's graph, so `keep` is plain torch.compile
+            return _inner_compile(self.options.inner, original, example_inputs)
         compiled = _inner_compile(self.options.inner, gm, example_inputs)
-        if original is not None and ctx.report.count("rewritten"):
+        if self.options.verify:
             changed = sorted({s.variant for s in ctx.report.sites if s.status == "rewritten"} - FUNCTION_PRESERVING)
             if not changed:
                 return _verifying(compiled, original, ctx.report)
@@ -133,6 +142,17 @@ def _check_option_keys(options: dict, allow_policy: bool) -> None:
         raise ValueError(f"unknown attncc option(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(valid)}")
 
 
+def _check_triton_can_run() -> None:
+    """Without a GPU, Triton runs kernels only in its interpreter; otherwise it fails with "0 active drivers"."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise ValueError(
+        "kernels='triton' but there is no CUDA GPU and TRITON_INTERPRET is not '1'. Set TRITON_INTERPRET=1 "
+        "before importing attncc (Triton reads it when a kernel is defined) to run the kernels in Triton's "
+        "interpreter, use a GPU, or use kernels='auto' / 'reference'."
+    )
+
+
 def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
     if inner == "eager":
         return gm.forward
@@ -173,20 +193,31 @@ def _verifying(compiled: Callable, original: fx.GraphModule, report: Report) -> 
     return run
 
 
+TOLERANCE = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+ABSOLUTE_FLOOR = 1e-6  # below this an output is zero for verify's purposes
+
+
+def _tolerance(*dtypes: torch.dtype) -> float:
+    """Relative tolerance for outputs of these dtypes: the loosest one's (unknown dtypes: half precision's)."""
+    return max(TOLERANCE.get(dtype, TOLERANCE[torch.float16]) for dtype in dtypes)
+
+
 def _compare(out: Any, expected: Any, report: Report) -> None:
     outs = torch.utils._pytree.tree_leaves(out)
     exps = torch.utils._pytree.tree_leaves(expected)
     for i, (a, b) in enumerate(zip(outs, exps)):
         if not isinstance(a, torch.Tensor) or not a.is_floating_point():
             continue
-        a, b = a.detach().float(), b.detach().float()
-        tol = 1e-4 if a.dtype == torch.float32 and b.dtype == torch.float32 else 2e-2
+        tol = _tolerance(a.dtype, b.dtype)
+        a, b = a.detach().double(), b.detach().double()
         err = (a - b).abs().max().item() if a.numel() else 0.0
         scale = b.abs().max().item() if b.numel() else 0.0
-        if not err <= tol * max(1.0, scale):
+        bound = max(tol * scale, ABSOLUTE_FLOOR)
+        if not err <= bound:
             rewritten = [f"{s.module} ({s.variant})" for s in report.sites if s.status == "rewritten"]
             raise VerificationError(
                 f"verify: output {i} of the rewritten graph differs from the original graph by {err:.3g} "
-                f"(tolerance {tol * max(1.0, scale):.3g}). Rewritten sites: {', '.join(rewritten)}. "
+                f"(tolerance {bound:.3g}: {tol:g} of the output's largest magnitude {scale:.3g}). "
+                f"Rewritten sites: {', '.join(rewritten)}. "
                 "Rerun with kernels='reference' to tell a kernel bug from a rewrite bug."
             )
