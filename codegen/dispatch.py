@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from attncc.codegen import emit, reference_ops, runtime_mask
 from attncc.codegen.reference.softmax import softmax_attention
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
@@ -41,19 +42,6 @@ def flash_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout
     return None if ok else reason
 
 
-def kernel_mask(mask_kind: str) -> tuple[str, bool, int, bool] | None:
-    """(pattern, causal, window, needs key padding) for a mask kind the flash kernel serves, else None."""
-    base, _, padding = mask_kind.partition("+")
-    padded = base == "padding" or padding == "padding"
-    if base in ("none", "padding"):
-        return "dense", False, 0, padded
-    if base == "causal":
-        return "dense", True, 0, padded
-    if base.startswith("sliding_window("):
-        return "sliding_window", True, int(base[len("sliding_window("):-1]), padded
-    return None
-
-
 def softmax_site(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -61,35 +49,62 @@ def softmax_site(
     mask: torch.Tensor | None,
     scale: float | torch.Tensor,
     *,
-    causal: bool,
+    structure: str,
+    window: int = 0,
+    padding: bool = False,
+    checked: bool = False,
     dropout_p: float = 0.0,
     kernels: str = "auto",
-    mask_kind: str = "other",
+    site: str = "",
 ) -> torch.Tensor:
-    """Softmax attention with the site's own math (VARIANTS.md §1): the flash kernel when it can serve
-    the site's mask (none, causal, sliding window, padding), else the reference."""
-    served = kernel_mask(mask_kind) if mask is not None else ("dense", causal, 0, False)
-    if use_kernels(kernels, q, k, v) and served is not None and not flash_unsupported(q, k, v, dropout_p):
-        from attncc.codegen import ops
+    """Softmax attention with the site's own math (VARIANTS.md §1).
 
-        pattern, is_causal, window, padded = served
-        q, scale = _scaled(q, scale)
-        key_padding = key_padding_from_mask(mask, q.shape[0]) if padded else None
-        return ops.flash(q, k, v, key_padding, scale=scale, causal=is_causal, pattern=pattern, window=window)
-    return softmax_attention(q, k, v, scale=scale, causal=causal, mask=mask, dropout_p=dropout_p)
+    `mask` is None for a none or causal structure known at compile time without padding (then
+    `structure` says it all), else the site's mask as the model computed it. `checked`: the structure is a hypothesis
+    from the example, checked on every call, with the dense mask as the fallback. The flash kernel
+    runs when it can serve the structure; otherwise the reference, which applies the mask as given.
+    """
+    causal = structure in ("causal", "sliding_window")
+    kernel = structure != "other" and use_kernels(kernels, q, k, v) and not flash_unsupported(q, k, v, dropout_p)
+    if not kernel:
+        emit.ran(site, _reference_reason(kernels, q, k, v, dropout_p, structure))
+        if mask is not None:
+            return softmax_attention(q, k, v, scale=scale, mask=mask, dropout_p=dropout_p)
+        return softmax_attention(q, k, v, scale=scale, causal=causal, dropout_p=dropout_p)
+    from attncc.codegen import ops
+
+    q, scale = _scaled(q, scale)
+    if checked:
+        return ops.flash_checked(q, k, v, mask, scale=scale, kind=structure, window=window, site=site)
+    pattern = "sliding_window" if structure == "sliding_window" else "dense"
+    keys = _static_keys(mask, q) if padding else None
+    emit.ran(site, emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=padding).name)
+    return ops.flash(q, k, v, keys, scale=scale, causal=causal, pattern=pattern, window=window)
 
 
-def key_padding_from_mask(mask: torch.Tensor, batch: int) -> torch.Tensor:
-    """[B, Tk] True for real keys, from a site's mask (bool may-attend, or additive) of a padding kind."""
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(torch.float16).min / 2
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    keys = allowed.any(dim=-2).any(dim=1)  # [B', Tk]
-    return keys.expand(batch, keys.shape[-1])
+def _reference_reason(kernels: str, q, k, v, dropout_p: float = 0.0, structure: str = "none") -> str:
+    if not use_kernels(kernels, q, k, v):
+        return "reference"
+    if structure == "other":
+        return "reference (the flash kernel serves none, causal, sliding-window and padding masks)"
+    why = flash_unsupported(q, k, v, dropout_p)
+    return f"reference ({why})" if why else "reference"
 
 
-def _padding(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    return None if mask is None else key_padding_from_mask(mask, q.shape[0])
+def _static_keys(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[B, Tk] key padding of a mask whose structure is a compile-time fact (no check needed)."""
+    m = runtime_mask.allowed(mask)
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return runtime_mask.batch_keys(m.any(dim=-2).any(dim=1), q.shape[0])
+
+
+def _keys(mask: torch.Tensor | None, q: torch.Tensor, structure: str, window: int, site: str) -> torch.Tensor | None:
+    """A variant's key padding: None without a mask, else read (and the structure checked) on every call."""
+    if mask is None:
+        return None
+    keys = runtime_mask.mask_keys(mask, structure, int(window), site)
+    return runtime_mask.batch_keys(keys, q.shape[0])
 
 
 def _scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -99,35 +114,44 @@ def _scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor,
     return q, float(scale)
 
 
-def linear_site(q, k, v, mask, *, causal: bool, feature_map: str, normalize: bool,
-                decay_rates: tuple[float, ...] | None, eps: float, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen import reference_ops
+def _no_kernel(kernels: str, variant: str, site: str, *tensors: torch.Tensor) -> None:
+    emit.ran(site, f"reference (no {variant} kernel yet)" if use_kernels(kernels, *tensors) else "reference")
 
+
+def linear_site(q, k, v, mask, *, structure: str, window: int = 0, causal: bool, feature_map: str, normalize: bool,
+                decay_rates: tuple[float, ...] | None, eps: float, kernels: str = "auto", site: str = "") -> torch.Tensor:
+    _no_kernel(kernels, "linear", site, q, k, v)
     decay = None if decay_rates is None else torch.tensor(decay_rates, dtype=torch.float32, device=q.device)
-    return reference_ops.linear_attention(q, k, v, _padding(mask, q), decay, causal, feature_map, normalize, eps)
+    return reference_ops.linear_attention(q, k, v, _keys(mask, q, structure, window, site), decay, causal,
+                                          feature_map, normalize, eps)
 
 
-def sparse_site(q, k, v, mask, scale, *, pattern: str, window: int, sinks: int, block: int, window_blocks: int,
-                mask_fn: str | None, causal: bool, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen import reference_ops
-
+def sparse_site(q, k, v, mask, scale, *, structure: str, window_mask: int = 0, pattern: str, window: int, sinks: int,
+                block: int, window_blocks: int, mask_fn: str | None, causal: bool, kernels: str = "auto",
+                site: str = "") -> torch.Tensor:
     q, scale = _scaled(q, scale)
+    keys = _keys(mask, q, structure, window_mask, site)
     if pattern != "block" and use_kernels(kernels, q, k, v) and not flash_unsupported(q, k, v):
         from attncc.codegen import ops
 
-        return ops.flash(q, k, v, _padding(mask, q), scale=scale, causal=True, pattern=pattern, window=window,
+        emit.ran(site, emit.flash_spec(q, k, causal=True, pattern=pattern, window=window, sinks=sinks, block=block,
+                                       window_blocks=window_blocks, padded=keys is not None).name)
+        return ops.flash(q, k, v, keys, scale=scale, causal=True, pattern=pattern, window=window,
                          sinks=sinks, block=block, window_blocks=window_blocks)
-    return reference_ops.sparse_attention(q, k, v, _padding(mask, q), scale, pattern, window, sinks, block,
+    emit.ran(site, _reference_reason(kernels, q, k, v) if pattern != "block" else
+             ("reference (no block-sparse kernel yet)" if use_kernels(kernels, q, k, v) else "reference"))
+    return reference_ops.sparse_attention(q, k, v, keys, scale, pattern, window, sinks, block,
                                           window_blocks, mask_fn, causal)
 
 
-def softplus_site(q, k, v, mask, *, causal: bool, reweight_p: float, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen import reference_ops
+def softplus_site(q, k, v, mask, *, structure: str, window: int = 0, causal: bool, reweight_p: float,
+                  kernels: str = "auto", site: str = "") -> torch.Tensor:
+    _no_kernel(kernels, "softplus", site, q, k, v)
+    return reference_ops.softplus_attention(q, k, v, _keys(mask, q, structure, window, site), causal,
+                                            float(reweight_p))
 
-    return reference_ops.softplus_attention(q, k, v, _padding(mask, q), causal, float(reweight_p))
 
-
-def mala_site(q, k, v, mask, *, causal: bool, sim_scale: float | None, kernels: str = "auto") -> torch.Tensor:
-    from attncc.codegen import reference_ops
-
-    return reference_ops.mala_attention(q, k, v, _padding(mask, q), causal, sim_scale)
+def mala_site(q, k, v, mask, *, structure: str, window: int = 0, causal: bool, sim_scale: float | None,
+              kernels: str = "auto", site: str = "") -> torch.Tensor:
+    _no_kernel(kernels, "mala", site, q, k, v)
+    return reference_ops.mala_attention(q, k, v, _keys(mask, q, structure, window, site), causal, sim_scale)

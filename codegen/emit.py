@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +65,23 @@ def dump(spec: KernelSpec, directory: Path) -> Path:
     path = directory / f"{spec.name}.py"
     path.write_text(f"# attncc kernel {spec.name}\n# constexpr specialization:\n{header}\n\n{inspect.getsource(module)}")
     return path
+
+
+RAN: dict[str, str] = {}  # site key -> what its op ran last (a kernel's name, or "reference (why)")
+_ROWS: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()  # site key -> its report row
+
+
+def watch(site: str, row: object) -> None:
+    """Write what site `site` runs into `row.kernel` (a report row) whenever it is recorded."""
+    _ROWS[site] = row
+
+
+def ran(site: str, what: str) -> None:
+    """Record what a site's op ran, where the choice is made: at trace time for a choice that tracing
+    fixes (the traced graph runs it on every call), inside the op for one it makes on each call."""
+    if not site:
+        return
+    RAN[site] = what
+    row = _ROWS.get(site)
+    if row is not None:
+        row.kernel = what

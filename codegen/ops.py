@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from attncc.codegen import emit
+from attncc.codegen import emit, runtime_mask
+from attncc.codegen.reference.softmax import softmax_attention
 
 
 @torch.library.custom_op("attncc::flash_attention", mutates_args=())
@@ -80,4 +81,85 @@ def flash(q, k, v, key_padding, *, scale: float, causal: bool, pattern: str = "d
           sinks: int = 0, block: int = 128, window_blocks: int = 0) -> torch.Tensor:
     o, _ = flash_attention(q, k, v, key_padding, float(scale), bool(causal), pattern, int(window), int(sinks),
                            int(block), int(window_blocks))
+    return o
+
+
+# --- softmax over a mask read at run time ------------------------------------------------------------
+
+def _checked_pattern(kind: str) -> tuple[bool, str]:
+    """(causal, kernel pattern) of a mask structure."""
+    return kind != "none", ("sliding_window" if kind == "sliding_window" else "dense")
+
+
+@torch.library.custom_op("attncc::flash_attention_checked", mutates_args=())
+def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                            kind: str, window: int, site: str
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax attention under a mask compiled as `kind` & key padding: the flash kernel when this
+    call's mask has that structure, else the dense reference (exact for any mask).
+    Returns (o, lse, key padding [B, Tk], whether the kernel ran)."""
+    from attncc.codegen.triton.flash import flash_attention_fwd
+
+    keys, problem = runtime_mask.check(mask, kind, window)
+    keys = runtime_mask.batch_keys(keys, q.shape[0]).contiguous()
+    if problem:
+        emit.ran(site, f"reference ({problem} on this call)")
+        o = softmax_attention(q, k, v, scale=scale, mask=mask).contiguous()
+        return o, q.new_zeros(q.shape[:3], dtype=torch.float32), keys, torch.tensor(False)
+    causal, pattern = _checked_pattern(kind)
+    spec = emit.record(emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=True))
+    emit.ran(site, spec.name)
+    o, lse = flash_attention_fwd(q, k, v, scale=scale, causal=causal, pattern=pattern, window=window,
+                                 key_padding=keys)
+    return o, lse, keys, torch.tensor(True)
+
+
+@flash_attention_checked.register_fake
+def _(q, k, v, mask, scale, kind, window, site):
+    b, h, tq, _ = q.shape
+    return (q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=torch.float32),
+            q.new_empty((b, k.shape[-2]), dtype=torch.bool), q.new_empty((), dtype=torch.bool, device="cpu"))
+
+
+@torch.library.custom_op("attncc::flash_attention_checked_backward", mutates_args=())
+def flash_attention_checked_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     o: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, ran_kernel: torch.Tensor,
+                                     mask: torch.Tensor, scale: float, kind: str, window: int
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attncc.codegen.triton.flash import flash_attention_bwd
+
+    if bool(ran_kernel):
+        causal, pattern = _checked_pattern(kind)
+        return flash_attention_bwd(do.contiguous(), q, k, v, o, lse, scale=scale, causal=causal, pattern=pattern,
+                                   window=window, key_padding=keys)
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = softmax_attention(*inputs, scale=scale, mask=mask)
+        grads = torch.autograd.grad(out, inputs, do)
+    return tuple(g.contiguous() for g in grads)
+
+
+@flash_attention_checked_backward.register_fake
+def _(do, q, k, v, o, lse, keys, ran_kernel, mask, scale, kind, window):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _checked_setup(ctx, inputs, output):
+    q, k, v, mask, *constants = inputs
+    o, lse, keys, ran_kernel = output
+    ctx.save_for_backward(q, k, v, o, lse, keys, ran_kernel, mask)
+    ctx.constants = constants[:3]  # scale, kind, window
+
+
+def _checked_backward(ctx, do, dlse, dkeys, dran):
+    q, k, v, o, lse, keys, ran_kernel, mask = ctx.saved_tensors
+    dq, dk, dv = flash_attention_checked_backward(do, q, k, v, o, lse, keys, ran_kernel, mask, *ctx.constants)
+    return dq, dk, dv, None, None, None, None, None
+
+
+flash_attention_checked.register_autograd(_checked_backward, setup_context=_checked_setup)
+
+
+def flash_checked(q, k, v, mask, *, scale: float, kind: str, window: int, site: str) -> torch.Tensor:
+    o, *_ = flash_attention_checked(q, k, v, mask, float(scale), kind, int(window), site)
     return o

@@ -24,7 +24,7 @@ from attncc.patterns.masks import CAUSAL, NONE, OTHER, MaskKind, allowed_from_bi
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .graph import ancestors, evaluate, layer_of, meta_value, owning_module, shape_of, static_int
+from .graph import ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, owning_module, shape_of, static_int
 
 
 def find_attention(ctx: Context) -> None:
@@ -122,7 +122,14 @@ def _number_layers(ctx: Context) -> None:
 
 
 def classify_masks(ctx: Context) -> None:
-    """Decide each site's mask kind from the mask's values on the example inputs."""
+    """Decide each site's mask structure; what depends on values is left to run time.
+
+    A mask built from sizes and constants alone, in a graph with static sizes, is a fact: one
+    evaluation on the example decides it. A mask that reads input values (an attention_mask, a
+    buffer) or symbolic sizes is classified from the example as a hypothesis: the site's op gets the
+    mask, reads the key padding off it and checks the structure on every call. A mask that reads
+    parameters (a learned bias) is kept dense, so its values and gradients flow at run time.
+    """
     for state in ctx.sites:
         match = state.match
         if match is None or state.site.kind != "attention":
@@ -137,7 +144,55 @@ def classify_masks(ctx: Context) -> None:
             state.site.cross = False
 
 
+def _mask_target(match: AttentionMatch) -> fx.Node | None:
+    """The node holding the site's mask (SDPA's attn_mask, or the chain's masked logits), or None."""
+    if match.pattern == "sdpa_attention":
+        return match.attn_mask
+    return match.logits if match.has_mask_ops else None
+
+
+def _mask_inputs(ctx: Context, match: AttentionMatch, target: fx.Node) -> tuple[bool, bool]:
+    """(reads parameters, reads other input values) of the mask sub-graph, the scores excluded."""
+    stop = {match.scores} if match.scores is not None else set()
+    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
+    params = reads = False
+    for node in ancestors([target], stop=stop) - stop:
+        if node.op != "placeholder":
+            continue
+        value = values.get(node, meta_value(node))
+        if not isinstance(value, torch.Tensor):
+            continue
+        if is_parameter_placeholder(node) and value.requires_grad or isinstance(value, torch.nn.Parameter):
+            params = True
+        else:
+            reads = True
+    return params, reads
+
+
+def _symbolic(ctx: Context) -> bool:
+    return any(isinstance(v, torch.SymInt) for v in ctx.example_inputs) or any(
+        isinstance(d, torch.SymInt) for v in ctx.example_inputs if isinstance(v, torch.Tensor) for d in v.shape)
+
+
 def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
+    """The site's mask kind: a compile-time fact, or a hypothesis its op checks on every call."""
+    target = _mask_target(match)
+    if target is None:
+        return NONE
+    if not isinstance(target, fx.Node):
+        return OTHER
+    params, reads = _mask_inputs(ctx, match, target)
+    if params:
+        return OTHER
+    kind = _classify_by_example(ctx, match, target)
+    if not kind.structural:
+        return kind
+    if reads or _symbolic(ctx):
+        return MaskKind(kind.structure, kind.window, padding=True, checked=True)
+    return kind
+
+
+def _classify_by_example(ctx: Context, match: AttentionMatch, target: fx.Node) -> MaskKind:
     """The mask kind on the example inputs; for a graph with symbolic sizes, also at other lengths.
 
     A graph with static sizes only ever runs at its example's sizes (dynamo guards them), so one
@@ -146,11 +201,6 @@ def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
     sub-graph (a window of 4096 only shows beyond 4096 tokens). Every length must give the same
     structure (padding aside), else the mask is `other`.
     """
-    target = match.attn_mask if match.pattern == "sdpa_attention" else match.logits
-    if match.pattern == "sdpa_attention" and match.attn_mask is None or match.pattern != "sdpa_attention" and not match.has_mask_ops:
-        return NONE
-    if not isinstance(target, fx.Node):
-        return OTHER
     kind = _classify_at(ctx, match, target, ctx.placeholder_values(), {})
     seen = [(match.kv_len, kind)]
     for values, bindings in ctx.alternative_lengths(_int_constants(target, match)):
@@ -167,14 +217,13 @@ def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
         if _structure(other) != final and not hidden:
             return OTHER
     if window is not None and kind.window is None:
-        return MaskKind(kind.kind.replace("causal", "sliding_window"), window)
+        return MaskKind("sliding_window", window, padding=kind.padding)
     return kind
 
 
 def _structure(kind: MaskKind) -> tuple[str, int | None]:
     """A mask kind without its padding (padding comes from the inputs' values, not the structure)."""
-    base = kind.kind.replace("+padding", "")
-    return ("none" if base == "padding" else base), kind.window
+    return kind.structure, kind.window
 
 
 def _classify_at(ctx: Context, match: AttentionMatch, target: fx.Node, values: dict, bindings: dict) -> MaskKind:
@@ -253,18 +302,22 @@ def rewrite_attention(ctx: Context) -> None:
 
 
 def rewrite_softmax(ctx: Context, state: SiteState) -> str | None:
-    match, kind = state.match, state.mask
-    dense = kind not in (NONE, CAUSAL)
-    causal = kind.causal and not dense
-    _replace_site(ctx, state, dispatch.softmax_site, mask=dense, scale=True,
-                  consts={"causal": causal, "dropout_p": match.dropout_p, "mask_kind": str(kind)})
-    served = dispatch.kernel_mask(str(kind)) if dense else ("dense", causal, 0, False)
-    state.site.kernel = _kernel_name(ctx, match, served, match.dropout_p)
+    _replace_site(ctx, state, dispatch.softmax_site, scale=True, consts={"dropout_p": state.match.dropout_p})
     return None
 
 
-def _replace_site(ctx: Context, state: SiteState, fn, *, mask: bool, scale: bool, consts: dict[str, Any]) -> None:
-    """Replace the matched site by `fn(q, k, v, mask | None[, scale], **consts, kernels=...)`.
+def mask_constants(kind: MaskKind) -> dict[str, Any]:
+    """What a site's op is told about its mask: the structure, and whether padding and a check come with it."""
+    return {"structure": kind.structure, "window": kind.window or 0, "padding": kind.padding, "checked": kind.checked}
+
+
+def passes_mask(kind: MaskKind) -> bool:
+    """Whether the site's op needs the mask tensor: anything but a plain none/causal compile-time fact."""
+    return kind.padding or kind.checked or kind.structure not in ("none", "causal")
+
+
+def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: dict[str, Any]) -> None:
+    """Replace the matched site by `fn(q, k, v, mask | None[, scale], **mask constants, **consts, ...)`.
 
     q, k, v go in as [.., H, T, D]; a site whose scores were viewed to other leading dims (bmm on
     [B·H, T, D] viewed to [B, H, T, T]) is run in the scores' view and its output viewed back.
@@ -279,16 +332,21 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, mask: bool, scale: bool
         if match.view_lead is not None:
             q, k, v = (_new(graph, torch.reshape, (x, (*match.view_lead, *value.shape[-2:])))
                        for x, value in zip((q, k, v), _site_values(match)))
-        args = (q, k, v, _mask_node(graph, match) if mask else None)
+        args = (q, k, v, mask_node(graph, match) if passes_mask(state.mask) else None)
         if scale:
-            args += (_scale_node(graph, match),)
-        new = graph.call_function(fn, args, {**consts, "kernels": ctx.options.kernels})
+            args += (scale_node(graph, match),)
+        constants = {**mask_constants(state.mask), **consts, "kernels": ctx.options.kernels, "site": state.key}
+        if fn is dispatch.sparse_site:
+            constants["window_mask"] = constants.pop("window")
+            constants.pop("padding"), constants.pop("checked")
+        elif fn is not dispatch.softmax_site:
+            constants.pop("padding"), constants.pop("checked")
+        new = graph.call_function(fn, args, constants)
         if match.view_lead is not None:
             new = _new(graph, torch.reshape, (new, tuple(shape_of(match.output))))
     new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
                      if key in match.output.meta})
     match.output.replace_all_uses_with(new)
-    state.site.kernel = "reference"
     if match.dropout_p and fn is not dispatch.softmax_site:
         state.site.reason = f"attention dropout p={match.dropout_p} is not part of {state.variant.variant}"
 
@@ -302,27 +360,10 @@ def _site_values(match: AttentionMatch) -> tuple:
     return q, k, v
 
 
-def _kernel_name(ctx: Context, match: AttentionMatch, served, dropout_p: float = 0.0,
-                 sparse: dict | None = None) -> str:
-    """The kernel a site will run, decided as dispatch will decide it at trace time, from the example values."""
-    from attncc.codegen import emit
-
-    q, k, v = _site_values(match)
-    if not all(isinstance(t, torch.Tensor) for t in (q, k, v)) or served is None:
-        return "reference"
-    if not dispatch.use_kernels(ctx.options.kernels, q, k, v):
-        return "reference"
-    why = dispatch.flash_unsupported(q, k, v, dropout_p)
-    if why:
-        return f"reference ({why})"
-    pattern, causal, window, padded = served
-    return emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=padded, **(sparse or {})).name
-
-
 REWRITERS["softmax"] = rewrite_softmax
 
 
-def _scale_node(graph: fx.Graph, match: AttentionMatch):
+def scale_node(graph: fx.Graph, match: AttentionMatch):
     scale = match.scale
     if scale is None:
         return 1.0 / math.sqrt(match.head_dim) if match.head_dim else _dynamic_default_scale(graph, match)
@@ -346,7 +387,7 @@ def _dynamic_default_scale(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
     return graph.call_function(operator.pow, (head_dim, -0.5))
 
 
-def _mask_node(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
+def mask_node(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
     """The site's mask as one tensor: SDPA's attn_mask, or the chain's mask ops applied to zeros."""
     if match.pattern == "sdpa_attention":
         return match.attn_mask
@@ -393,26 +434,35 @@ _HEAVY = {torch._C._nn.linear, torch.matmul, torch.conv1d, torch.conv2d, torch.n
 
 # --- the other variants -------------------------------------------------------------------------
 
-BIDIRECTIONAL = ("none", "padding")
-CAUSAL_KINDS = ("causal", "causal+padding")
+BIDIRECTIONAL = ("none",)
+CAUSAL_KINDS = ("causal",)
 
 
-def _check_site(state: SiteState, kinds: tuple[str, ...], variant: str) -> str | None:
+def _check_site(state: SiteState, structures: tuple[str, ...], variant: str) -> str | None:
     """Why a site cannot take a variant, or None."""
     match, kind = state.match, state.mask
-    q = _site_values(match)[0]
-    if match.q_len is None or not isinstance(q, torch.Tensor) or q.dim() != 4:
-        return f"{variant} needs 4-D [B, H, T, D] q/k/v with static sizes"
-    if kind.kind not in kinds:
-        return f"{variant} cannot serve a '{kind}' mask (it serves: {', '.join(kinds)}); site left unchanged"
-    if kind.causal and match.q_len != match.kv_len:
-        return f"causal {variant} needs as many queries as keys (got {match.q_len} and {match.kv_len})"
+    q, k, _ = _site_values(match)
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        return f"{variant} needs 4-D [B, H, T, D] q/k/v"
+    if kind.structure not in structures:
+        served = ", ".join(f"{s} (+padding)" for s in structures)
+        return f"{variant} cannot serve a '{kind}' mask (it serves: {served}); site left unchanged"
+    if kind.causal and not _same_size(q.shape[-2], k.shape[-2]):
+        return f"causal {variant} needs as many queries as keys (got {q.shape[-2]} and {k.shape[-2]})"
     return None
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Equal as ints, or the same symbolic expression (comparing expressions installs no guard)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else x  # noqa: E731
+        return bool(expr(a) == expr(b))
+    return a == b
 
 
 def _insert_site(ctx: Context, state: SiteState, fn, with_scale: bool, consts: dict[str, Any]) -> None:
     """A variant's op, given the site's key padding (when its mask has padding) and, if asked, its scale."""
-    _replace_site(ctx, state, fn, mask=state.mask.padding, scale=with_scale, consts=consts)
+    _replace_site(ctx, state, fn, scale=with_scale, consts=consts)
 
 
 def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
@@ -452,10 +502,6 @@ def rewrite_sparse(ctx: Context, state: SiteState) -> str | None:
     _insert_site(ctx, state, dispatch.sparse_site, True,
                  dict(pattern=v.pattern, window=v.window, sinks=v.sinks, block=v.block,
                       window_blocks=v.window_blocks, mask_fn=v.mask, causal=state.mask.causal))
-    if v.pattern != "block":
-        served = (v.pattern, True, v.window, state.mask.padding)
-        extra = {"sinks": v.sinks} if v.pattern == "sliding_window" else {"block": v.block, "window_blocks": v.window_blocks}
-        state.site.kernel = _kernel_name(ctx, state.match, served, sparse=extra)
     return None
 
 

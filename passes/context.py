@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from attncc.codegen import emit
 from attncc.report import Report, Site
 
 
@@ -19,12 +21,16 @@ class Options:
     debug: bool = False
 
 
+_SITE_KEYS = itertools.count()
+
+
 @dataclass
 class SiteState:
     site: Site
     match: Any = None  # AttentionMatch, or None for a site that did not match
     mask: Any = None  # MaskKind
     variant: Any = None  # the policy's variant instance
+    key: str = ""  # unique in the process: the site's ops record under it what they ran
 
 
 @dataclass
@@ -42,7 +48,8 @@ class Context:
 
     def add_site(self, site: Site, match: Any) -> SiteState:
         site.graph = self.graph_index
-        state = SiteState(site, match)
+        state = SiteState(site, match, key=f"{site.module or 'site'}#{next(_SITE_KEYS)}")
+        emit.watch(state.key, site)
         self.sites.append(state)
         return state
 

@@ -16,21 +16,40 @@ import torch
 
 @dataclass(frozen=True)
 class MaskKind:
-    kind: str  # none | causal | sliding_window | padding | causal+padding | sliding_window+padding | other
+    """What a site's mask is: a structure, plus whether key padding and a run-time check come with it.
+
+    structure  none | causal | sliding_window | other (other: kept dense, applied as it is)
+    padding    keys may be padding: the op reads the key padding off the mask at run time
+    checked    the mask depends on input values (or on symbolic sizes): the structure was read off
+               the example and is a hypothesis, which the op checks on every call
+    """
+
+    structure: str
     window: int | None = None
+    padding: bool = False
+    checked: bool = False
+
+    @property
+    def kind(self) -> str:
+        """The report's spelling: none, causal, sliding_window, padding, causal+padding, ..., other."""
+        if self.structure == "none" and self.padding:
+            return "padding"
+        return self.structure + ("+padding" if self.padding and self.structure != "other" else "")
 
     @property
     def causal(self) -> bool:
-        return self.kind.startswith(("causal", "sliding_window"))
+        return self.structure in ("causal", "sliding_window")
 
     @property
-    def padding(self) -> bool:
-        return self.kind.endswith("padding")
+    def structural(self) -> bool:
+        """A structure kernels and variants can serve (every kind but `other`)."""
+        return self.structure != "other"
 
     def __str__(self) -> str:
-        if self.kind.startswith("sliding_window"):
-            return self.kind.replace("sliding_window", f"sliding_window({self.window})")
-        return self.kind
+        text = self.kind
+        if self.structure == "sliding_window":
+            text = text.replace("sliding_window", f"sliding_window({self.window})")
+        return text
 
 
 NONE = MaskKind("none")
@@ -64,24 +83,23 @@ def classify(allowed: torch.Tensor, pure: bool = True) -> MaskKind:
     padded = not bool(keys.all())
     i = torch.arange(tq, device=allowed.device)[:, None]
     j = torch.arange(tk, device=allowed.device)[None, :]
-    suffix = "+padding" if padded else ""
 
     def same(structure: torch.Tensor) -> bool:
         expected = structure[None] & keys[:, None, :]
         return bool((allowed == expected).all())
 
     if same(torch.ones(tq, tk, dtype=torch.bool, device=allowed.device)):
-        return MaskKind("padding") if padded else NONE
+        return MaskKind("none", padding=padded)
     if tq != tk:
         return OTHER
     causal = j <= i
     if same(causal):
-        return MaskKind("causal" + suffix)
+        return MaskKind("causal", padding=padded)
     inside = allowed & causal[None]
     if not bool(inside.any()):
         return OTHER
     distance = (i - j).expand(tq, tk)[None].expand_as(inside)
     window = int(distance[inside].max()) + 1
     if same(causal & (i - j < window)):
-        return MaskKind("sliding_window" + suffix, window)
+        return MaskKind("sliding_window", window, padding=padded)
     return OTHER

@@ -1,13 +1,16 @@
 """Reference softmax attention: the math every matched site computes (VARIANTS.md §1).
 
 o_i = Σ_j softmax_j(scale · q_i·k_j + bias_ij) v_j, with the causal set j <= i (top-left aligned,
-as in SDPA's is_causal) and an optional mask: boolean (True = attend) or additive (float).
+as in SDPA's is_causal) and an optional mask: boolean (True = attend) or additive (float). A query
+with no allowed key (every key masked, by -inf, finfo.min or False) outputs 0, as SDPA does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+NO_KEY = torch.finfo(torch.float16).min / 2  # an additive mask entry at or below this allows no key (-inf, finfo.min)
 
 
 def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -37,6 +40,7 @@ def softmax_attention(
     heads = q.shape[-3]
     k, v = repeat_kv(k, heads), repeat_kv(v, heads)
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    allowed = None
     if causal:
         tq, tk = scores.shape[-2], scores.shape[-1]
         allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
@@ -46,7 +50,14 @@ def softmax_attention(
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.float()
+        given = mask if mask.dtype == torch.bool else mask > NO_KEY
+        allowed = given if allowed is None else allowed & given
+    if allowed is not None:  # a row with no allowed key outputs 0, as SDPA does (and its gradients are 0)
+        any_key = allowed.any(dim=-1, keepdim=True)
+        scores = torch.where(any_key, scores, 0.0)
     probs = torch.softmax(scores, dim=-1)
+    if allowed is not None:
+        probs = probs * any_key
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.float()).to(q.dtype)

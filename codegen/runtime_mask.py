@@ -1,0 +1,95 @@
+"""Masks read at run time: a site's key padding, and the check of the structure it was compiled for.
+
+Dynamo guards shapes, not values. A site whose mask depends on input values (an `attention_mask`, a
+buffer) or on symbolic sizes was classified from one example: its structure (none, causal, sliding
+window) is a hypothesis. Every call reads the mask again here:
+
+    keys[b, j]  = some query of batch b may attend key j              (key padding, True = real key)
+    holds       = allowed == structure(Tq, Tk) & keys[b, None, j]     (and an additive mask adds 0
+                                                                       wherever it allows)
+
+`mask_keys` is the op a variant's site calls: it returns the key padding, or raises `MaskMismatch`
+naming the site when the mask no longer has its structure (a variant cannot serve other masks; the
+softmax site falls back to the dense mask instead, see ops.flash_attention_checked).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference.softmax import NO_KEY
+
+
+class MaskMismatch(RuntimeError):
+    """The mask given at run time does not have the structure its site was compiled for."""
+
+
+def allowed(mask: Tensor) -> Tensor:
+    """May-attend booleans of a bool mask (True = attend) or an additive mask."""
+    return mask if mask.dtype == torch.bool else mask > NO_KEY
+
+
+def structure(structure: str, window: int, tq: int, tk: int, device: torch.device) -> Tensor | None:
+    """[Tq, Tk] may-attend of a structure (top-left aligned), or None when it cannot apply to these sizes."""
+    if structure == "none":
+        return torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if tq != tk or structure not in ("causal", "sliding_window"):
+        return None
+    i = torch.arange(tq, device=device)[:, None]
+    j = torch.arange(tk, device=device)[None, :]
+    out = j <= i
+    return out & (i - j < window) if structure == "sliding_window" else out
+
+
+def check(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
+    """(keys [B', Tk], None when the mask is `kind` & key padding, else why not).
+
+    The mask broadcasts to [B', H', Tq', Tk] (fewer leading dims are unsqueezed); Tq' = 1 is a mask
+    shared by every query, which can only be key padding.
+    """
+    m = mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    ok = allowed(m)
+    keys_per_head = ok.any(dim=-2)  # [B', H', Tk]
+    keys = keys_per_head[:, 0]
+    if mask.dtype != torch.bool and not bool((torch.where(ok, m, 0) == 0).all()):
+        return keys, "an additive mask adds values other than 0 where it allows a key"
+    if not bool((keys_per_head == keys[:, None]).all()):
+        return keys, "the mask differs between heads"
+    tq, tk = ok.shape[-2:]
+    shape = structure(kind, window, tq, tk, m.device)
+    if shape is None:
+        return keys, f"a {tq}x{tk} mask cannot be {kind}"
+    if not bool((ok == (shape & keys[:, None, None, :])).all()):
+        return keys, f"the mask is not {describe(kind, window)} with key padding"
+    return keys, None
+
+
+def describe(kind: str, window: int) -> str:
+    return f"sliding_window({window})" if kind == "sliding_window" else kind
+
+
+def batch_keys(keys: Tensor, batch: int) -> Tensor:
+    """[B', Tk] -> [B, Tk] (a mask shared by the batch has B' = 1)."""
+    return keys.expand(batch, keys.shape[-1])
+
+
+@torch.library.custom_op("attncc::mask_keys", mutates_args=())
+def mask_keys(mask: Tensor, kind: str, window: int, site: str) -> Tensor:
+    """The key padding [B', Tk] of a mask of structure `kind`; raises MaskMismatch when it is not one."""
+    keys, problem = check(mask, kind, window)
+    if problem:
+        raise MaskMismatch(
+            f"attncc: site {site}: {problem}, but the site was compiled for {describe(kind, window)} masks "
+            "(classified from the first call's mask) and its variant can serve no other. Compile with "
+            "`softmax` or `keep` for this site, or call it with masks of that structure."
+        )
+    return keys.contiguous()
+
+
+@mask_keys.register_fake
+def _(mask, kind, window, site):
+    lead = mask.shape[0] if mask.dim() == 4 else 1
+    return mask.new_empty((lead, mask.shape[-1]), dtype=torch.bool)
