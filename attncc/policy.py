@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
+import inspect
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 import yaml
 
 SUPPORTED_VERSIONS = (1,)
+INT_MAX = 2**31 - 1  # integer parameters reach kernels as int32
 
 
 class PolicyError(ValueError):
@@ -124,6 +126,8 @@ class _Checked:
                 low = self.minimum.get(f.name)
                 if low is not None and value is not None and value < low:
                     raise PolicyError(f"must be >= {low}, got {value!r}")
+                if _is(value, int) and value > INT_MAX:
+                    raise PolicyError(f"must be <= {INT_MAX} (2**31-1), got {value!r}")
         self._check()
 
     def _check(self) -> None:
@@ -205,7 +209,22 @@ class Sparse(_Variant):
             raise PolicyError(problem, "mask") from error
         if not callable(found):
             raise PolicyError(f"mask {self.mask!r} is not callable, got {_show(found)}", "mask")
+        _check_mask_signature(self.mask, found)
         return found
+
+
+def _check_mask_signature(name: str, mask_mod: Callable[..., Any]) -> None:
+    """A mask is called as mask_mod(b, h, q_idx, kv_idx) with index tensors (codegen/reference/masks.py)."""
+    try:
+        signature = inspect.signature(mask_mod)
+    except (TypeError, ValueError):  # a builtin without a signature: it may still be right
+        return
+    try:
+        signature.bind(0, 0, 0, 0)
+    except TypeError:
+        problem = (f"mask {name!r} must have the signature mask_mod(b, h, q_idx, kv_idx) -> bool tensor "
+                   f"(four positional index tensors), but it is {getattr(mask_mod, '__name__', name)}{signature}")
+        raise PolicyError(problem, "mask") from None
 
 
 @dataclass(frozen=True)
@@ -500,7 +519,24 @@ class Policy:
 
 
 class _YamlLoader(yaml.SafeLoader):
-    """SafeLoader that also reads YAML 1.2 floats such as `1e-6` (YAML 1.1 wants `1.0e-6`)."""
+    """SafeLoader that also reads YAML 1.2 floats such as `1e-6` (YAML 1.1 wants `1.0e-6`) and rejects
+    duplicate keys (SafeLoader keeps the last one silently). Keys brought in by a `<<` merge may be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # unhashable: SafeLoader reports it
+                continue
+            if duplicate:
+                raise PolicyError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1}); "
+                                  "a key may appear once per mapping")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -519,11 +555,21 @@ def _parse_toml(text: str) -> Any:
     return tomllib.loads(text)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: an object with a repeated key is an error, not its last value."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PolicyError(f"duplicate key {key!r}; a key may appear once per object")
+        out[key] = value
+    return out
+
+
 _READERS: dict[str, Callable[[str], Any]] = {
     ".yaml": lambda text: yaml.load(text, Loader=_YamlLoader),
     ".yml": lambda text: yaml.load(text, Loader=_YamlLoader),
     ".toml": _parse_toml,
-    ".json": json.loads,
+    ".json": lambda text: json.loads(text, object_pairs_hook=_unique_keys),
 }
 
 
@@ -549,6 +595,8 @@ def load_policy(src: str | os.PathLike[str] | Mapping[str, Any] | Policy) -> Pol
         raise PolicyError("file not found", source=str(path))
     try:
         data = reader(path.read_text(encoding="utf-8"))
+    except PolicyError as error:
+        raise error.with_source(str(path)) from None
     except Exception as error:
         raise PolicyError(f"cannot parse {path.suffix[1:].upper()}: {error}", source=str(path)) from error
     return _from_mapping(data, str(path))
