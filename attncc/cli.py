@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--json", action="store_true")
 
     explain = sub.add_parser("explain", help="report the attention sites of a model and what a policy does to them")
-    explain.add_argument("target", help="path/to/file.py:build, where build() returns (model, example_args)")
+    explain.add_argument("target", help="path/to/file.py:build, where build() returns (model, example_args[, example_kwargs])")
     explain.add_argument("--policy", required=True)
     explain.add_argument("--json", action="store_true")
 
@@ -70,13 +70,23 @@ def load_build(target: str):
     return getattr(module, name)
 
 
+def _unpack_build(target: str, built: Any) -> tuple[Any, Any, dict | None]:
+    """(model, example_args, example_kwargs) from what build() returned, or a ValueError saying what it must return."""
+    name = target.rpartition(":")[2] if ":" in target else "build"
+    sequence = isinstance(built, (tuple, list))
+    kwargs = built[2] if sequence and len(built) == 3 else None
+    if not sequence or len(built) not in (2, 3) or not (kwargs is None or isinstance(kwargs, dict)):
+        got = f"a {type(built).__name__} of {len(built)}" if sequence else f"a {type(built).__name__}"
+        raise ValueError(f"{target}: {name}() returned {got}; {name}() must return (model, example_args) or "
+                         "(model, example_args, example_kwargs) with example_kwargs a dict")
+    return built[0], built[1], kwargs
+
+
 def run_explain(target: str, policy: str, as_json: bool) -> int:
     import attncc
 
     policy_obj = attncc.load_policy(policy)
-    built = load_build(target)()
-    model, example_args = built[0], built[1]
-    kwargs = built[2] if len(built) > 2 else None
+    model, example_args, kwargs = _unpack_build(target, load_build(target)())
     report = attncc.explain(model, example_args, policy_obj, example_kwargs=kwargs)
     print(report.to_json(indent=2) if as_json else report)
     return 0
