@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import dtype_of, meta_value, ndim_of
+from .graph import ancestors, dtype_of, meta_value, ndim_of, remove_dead
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,11 @@ def softmax(node: fx.Node) -> Canonical | None:
 
 
 def _scalar_first(a, b):
-    """Put the tensor operand first for commutative ops."""
-    if isinstance(a, fx.Node) or not isinstance(b, fx.Node):
-        return a, b
-    return b, a
+    """Put the tensor operand first for commutative ops: only a number moves (`2 * x`), never a tuple
+    or string, whose `+` and `*` do not commute (`(1,) + x.shape` is not `x.shape + (1,)`)."""
+    if _is_number(a) and isinstance(b, fx.Node):
+        return b, a
+    return a, b
 
 
 def mul(node: fx.Node) -> Canonical | None:
@@ -134,11 +135,21 @@ def add(node: fx.Node) -> Canonical | None:
 
 
 def _in_place(rule: Callable[[fx.Node], Canonical | None]) -> Callable[[fx.Node], Canonical | None]:
-    """`x *= c` as `x * c` when nothing else reads x (then the mutation cannot be observed)."""
+    """`x *= c` as `x * c` when the mutation cannot be observed and the out-of-place op gives x's dtype
+    and shape (`x += y` keeps x's dtype where `x + y` would promote it)."""
 
     def in_place(node: fx.Node) -> Canonical | None:
-        x = node.args[0] if node.args else None
-        if not isinstance(x, fx.Node) or len(x.users) != 1 or x.op == "placeholder":
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        x, other = node.args
+        if not isinstance(x, fx.Node) or len(x.users) != 1 or x.op in ("placeholder", "get_attr"):
+            return None
+        value = meta_value(x)
+        if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(value, bool):
+            return rule(node)
+        if not isinstance(value, torch.Tensor) or not _same_result(value, meta_value(other)):
+            return None
+        if not _mutation_unobservable(node, x):
             return None
         return rule(node)
 
@@ -146,8 +157,64 @@ def _in_place(rule: Callable[[fx.Node], Canonical | None]) -> Callable[[fx.Node]
     return in_place
 
 
+def _same_result(x: torch.Tensor, other: Any) -> bool:
+    """`x op other` out of place has x's dtype and shape."""
+    if not isinstance(other, (torch.Tensor, int, float, bool)):
+        return False
+    try:
+        if torch.result_type(x, other) != x.dtype:
+            return False
+        return not isinstance(other, torch.Tensor) or tuple(torch.broadcast_shapes(x.shape, other.shape)) == tuple(x.shape)
+    except Exception:
+        return False
+
+
+def _mutation_unobservable(node: fx.Node, x: fx.Node) -> bool:
+    """No node other than `node`'s own result and what derives from it reads the memory that `node` mutates.
+
+    Aliases are found through dynamo's fake tensors, which share storage exactly as the real ones would
+    (a view, an in-place op's result). An alias that is a graph input or attribute, or that something
+    other than another alias reads, makes the mutation visible.
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storage(value):
+        try:
+            return StorageWeakRef(value.untyped_storage())
+        except Exception:
+            return None
+
+    mutated = storage(meta_value(x))
+    if mutated is None:
+        return False
+    downstream = _descendants(node)
+    aliases = set()
+    for other in node.graph.nodes:
+        value = meta_value(other)
+        if other in downstream or not isinstance(value, torch.Tensor):
+            continue
+        ref = storage(value)
+        if ref is None or ref == mutated:
+            aliases.add(other)
+    return all(a.op not in ("placeholder", "get_attr") and set(a.users) <= aliases | {node} for a in aliases)
+
+
+def _descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(n.users)
+    return seen
+
+
 def baddbmm(node: fx.Node) -> Canonical | None:
-    """beta * input + alpha * (batch1 @ batch2) (BLOOM's ALiBi scores), expanded by the pass."""
+    """beta * input + alpha * (batch1 @ batch2) (BLOOM's ALiBi scores), expanded by the pass.
+
+    With beta == 0 torch ignores `input` (its NaN and inf do not propagate; GPT-2's
+    reorder_and_upcast_attn passes `torch.empty` there): the expansion then does not read it."""
     names = ("input", "batch1", "batch2")
     args = dict(zip(names, node.args))
     args.update({k: v for k, v in node.kwargs.items() if k in names})
@@ -163,16 +230,45 @@ def div(node: fx.Node) -> Canonical | None:
     if len(node.args) != 2 or node.kwargs:
         return None
     x, c = node.args
-    if isinstance(x, fx.Node) and _is_number(c) and c != 0:
+    if isinstance(x, fx.Node) and _exact_reciprocal(c):
         return _call(operator.mul, x, 1.0 / c)
     if isinstance(x, fx.Node):
         return _call(operator.truediv, x, c)
     return None
 
 
+_FLOAT32 = torch.finfo(torch.float32)
+
+
+def _exact_reciprocal(c: Any) -> bool:
+    """x / c equals x * (1/c) up to rounding: c and 1/c are normal float32 numbers (so neither the
+    reciprocal nor c itself rounds to 0 or inf in the tensor's compute type: 0 / 1e-320 is 0, 0 * inf NaN)."""
+    if not _is_number(c) or c == 0:
+        return False
+    try:
+        return all(_FLOAT32.tiny <= abs(v) <= _FLOAT32.max for v in (float(c), 1.0 / c))
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _plain_cast_options(node: fx.Node) -> bool:
+    """No copy=True, no memory format other than the default, no positional flags."""
+    rest, kwargs = node.args[1:], node.kwargs
+    if set(kwargs) - {"dtype", "device", "non_blocking", "copy", "memory_format"} or kwargs.get("copy"):
+        return False
+    if kwargs.get("memory_format", torch.preserve_format) is not torch.preserve_format:
+        return False
+    return not any(isinstance(a, (bool, torch.memory_format)) for a in rest)
+
+
 def cast(node: fx.Node) -> Canonical | None:
-    """Casts that change only the dtype become `to(x, dtype)`; others are left alone."""
+    """Casts that change only the dtype become `to(x, dtype)`; others are left alone.
+
+    A cast that asks for a copy (`copy=True`) or a memory format is not only a dtype change: dropping it
+    later (when it keeps the dtype) would alias or re-stride the result."""
     x = node.args[0]
+    if not _plain_cast_options(node):
+        return None
     out, src = dtype_of(node), dtype_of(x)
     if out is None or src is None:
         return None
@@ -323,7 +419,8 @@ def _rule_for(node: fx.Node):
 
 
 def _is_identity(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target == "to" and len(node.args) == 2:
+    """A canonical same-dtype cast (`to(x, dtype)` without options: a copy=True cast is not an identity)."""
+    if node.op == "call_method" and node.target == "to" and len(node.args) == 2 and not node.kwargs:
         src, dst = meta_value(node.args[0]), meta_value(node)
         return (
             isinstance(src, torch.Tensor)
@@ -338,6 +435,7 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
     """Rewrite every node into its canonical spelling in place. Returns hit counts per rule."""
     hits: dict[str, int] = {}
     graph = gm.graph
+    unread: list[fx.Node] = []  # inputs a rewrite no longer reads (baddbmm's input at beta == 0)
     for node in list(graph.nodes):
         rule = _rule_for(node)
         if rule is None:
@@ -348,7 +446,7 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
         if canon.target == "einsum_matmul":
             _replace_einsum(graph, node, *canon.args)
         elif canon.target == "baddbmm":
-            _replace_baddbmm(graph, node, *canon.args)
+            unread.extend(_replace_baddbmm(graph, node, *canon.args))
         else:
             node.op, node.target = canon.op, canon.target
             node.args, node.kwargs = canon.args, canon.kwargs
@@ -358,6 +456,7 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             hits["identity"] = hits.get("identity", 0) + 1
+    remove_dead(graph, ancestors(unread))
     graph.lint()
     return hits
 
@@ -372,7 +471,17 @@ def _replace_einsum(graph: fx.Graph, node: fx.Node, plan, a, b) -> None:
     node.target, node.args, node.kwargs = torch.matmul, (a, b), {}
 
 
-def _replace_baddbmm(graph: fx.Graph, node: fx.Node, bias, a, b, beta, alpha) -> None:
+def _replace_baddbmm(graph: fx.Graph, node: fx.Node, bias, a, b, beta, alpha) -> list[fx.Node]:
+    """Expand in place; returns the inputs the expansion no longer reads."""
+    if beta == 0:
+        node.op, node.kwargs = "call_function", {}
+        if alpha == 1:
+            node.target, node.args = torch.matmul, (a, b)
+        else:
+            with graph.inserting_before(node):
+                product = _derived(graph, torch.matmul, (a, b), like=node)
+            node.target, node.args = operator.mul, (product, float(alpha))
+        return [bias] if isinstance(bias, fx.Node) else []
     with graph.inserting_before(node):
         product = _derived(graph, torch.matmul, (a, b), like=node)
         if alpha != 1:
@@ -380,6 +489,7 @@ def _replace_baddbmm(graph: fx.Graph, node: fx.Node, bias, a, b, beta, alpha) ->
         if beta != 1:
             bias = _derived(graph, operator.mul, (bias, float(beta)), like=node)
     node.op, node.target, node.args, node.kwargs = "call_function", operator.add, (product, bias), {}
+    return []
 
 
 def _derived(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:

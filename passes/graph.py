@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Any, Iterable
 
@@ -154,3 +155,55 @@ def propagate_meta(node: fx.Node) -> None:
         else:
             return
     node.meta["example_value"] = value
+
+
+_IN_PLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                     "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__"}
+_IN_PLACE_OPERATORS = {getattr(operator, f"__{name[2:-2]}__") for name in _IN_PLACE_DUNDERS}
+
+
+def has_effect(node: fx.Node) -> bool:
+    """Whether removing the node could change what the program does, even when nothing reads its value.
+
+    fx's own `is_impure` misses in-place methods (`x.masked_fill_(...)`), `inplace=True`/`out=` calls and
+    dynamo's functorch bookkeeping (`_vmap_increment_nesting`); all of those count here.
+    """
+    try:
+        if node.is_impure():
+            return True
+    except Exception:  # a purity check that cannot run: assume the worst
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name in _IN_PLACE_DUNDERS or (name.endswith("_") and not name.startswith("__"))
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in _IN_PLACE_OPERATORS or node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    name = getattr(target, "__name__", "")
+    module = getattr(target, "__module__", None) or ""
+    return (name.endswith("_") and not name.startswith("__")) or module.startswith(("torch._functorch",
+                                                                                   "torch._C._functorch"))
+
+
+def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
+    """Erase the candidates that nothing reads and that have no effect; returns how many were erased.
+
+    Unlike `graph.eliminate_dead_code()`, nodes outside `candidates` are never touched: a pass passes
+    the nodes it created or stopped using (with their inputs, e.g. via `ancestors`, when those may go
+    too), so dynamo's side-effecting nodes elsewhere in the graph survive.
+    """
+    pending = {n for n in candidates if isinstance(n, fx.Node) and n.graph is graph}
+    todo = list(pending)
+    erased = 0
+    while todo:
+        node = todo.pop()
+        if node not in pending or node.users or has_effect(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        pending.discard(node)
+        erased += 1
+        todo.extend(n for n in inputs if n in pending)
+    return erased

@@ -1,0 +1,159 @@
+"""No silent wrong answer (issue 9): the passes keep a model's semantics exactly, NaN and inf included,
+never break what they do not touch, and never turn a size coincidence or a symbolic constant into a
+different decision."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import attncc
+from attncc.passes.canonicalize import canonicalize
+from models import zoo
+
+
+def _softmax_backend():
+    return attncc.backend({"attention": "softmax"}, inner="aot_eager")
+
+
+def _captured(model, *inputs) -> tuple[fx.GraphModule, list]:
+    """The dynamo graph of `model(*inputs)` and its example inputs, untouched by attncc."""
+    captured = []
+
+    def capture(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm
+
+    torch.compile(model, backend=capture, fullgraph=True)(*inputs)
+    return captured[0]
+
+
+def _canonicalized_output(model, *inputs):
+    """Run only the canonicalize pass on the model's graph, then the graph itself."""
+    gm, example_inputs = _captured(model, *inputs)
+    canonicalize(gm)
+    gm.recompile()
+    return gm(*example_inputs)
+
+
+# --- canonicalization keeps semantics, not just values up to rounding ------------------------------
+
+
+class BaddbmmIgnoredInput(torch.nn.Module):
+    """beta=0: torch ignores the input, NaN included."""
+
+    def forward(self, q, k, v):
+        bias = torch.full((q.shape[0], q.shape[1], k.shape[1]), float("nan"))
+        scores = torch.baddbmm(bias, q, k.transpose(-2, -1), beta=0, alpha=0.5)
+        return torch.matmul(scores.softmax(-1), v)
+
+
+def test_baddbmm_with_beta_zero_does_not_read_its_input():
+    torch.manual_seed(0)
+    model = BaddbmmIgnoredInput()
+    q, k, v = (torch.randn(4, 7, 8) for _ in range(3))
+    be = _softmax_backend()
+    out = torch.compile(model, backend=be)(q, k, v)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, model(q, k, v))
+    (site,) = be.report.attention()
+    assert site.status == "rewritten" and site.mask == "none", be.report
+
+
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty filled with NaN (as FLA's conftest does), so reading it shows instead of passing by luck."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
+def test_gpt2_reorder_and_upcast_attn_report_does_not_read_uninitialized_memory(poisoned_empty):
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=zoo.VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="eager", reorder_and_upcast_attn=True,
+                     bos_token_id=0, eos_token_id=0)
+    model = GPT2Model(cfg).eval()
+    ids = zoo._ids(2, 11)
+    reports = [[(s.mask, s.status) for s in attncc.explain(model, (ids,), {"attention": "softmax"},
+                                                         {"use_cache": False}).attention()] for _ in range(3)]
+    assert reports == [[("causal", "rewritten")] * 2] * 3
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=_softmax_backend())(ids, use_cache=False)[0]
+    torch.testing.assert_close(out, model(ids, use_cache=False)[0], rtol=1e-5, atol=1e-5)
+
+
+class InPlaceOnView(torch.nn.Module):
+    """`v *= 3` writes through the view into `base`, which is read afterwards."""
+
+    def forward(self, x):
+        base = x * 2
+        view = base[:, :2]
+        view *= 3
+        return base + 0
+
+
+class InPlaceAddKeepsDtype(torch.nn.Module):
+    """`s += m` keeps s's bfloat16 where `s + m` would promote to float32."""
+
+    def forward(self, x, m):
+        s = x.to(torch.bfloat16) * 1
+        s += m
+        return s
+
+
+class DivideByTiny(torch.nn.Module):
+    """1 / 1e-40 is inf in float32: x * inf is NaN at x = 0 where x / 1e-40 is 0."""
+
+    def forward(self, x):
+        return (x * 1) / 1e-40
+
+
+class CopyThenMutate(torch.nn.Module):
+    """`.to(copy=True)` of the same dtype is a copy, not the identity: the mutation must not reach h."""
+
+    def forward(self, x):
+        h = x * 1.0
+        y = h.to(h.dtype, copy=True)
+        y.mul_(2.0)
+        return h + y
+
+
+def _row(cls, *inputs):
+    return pytest.param(cls, inputs, id=cls.__name__)
+
+
+@pytest.mark.parametrize("cls,inputs", [
+    _row(InPlaceOnView, torch.randn(3, 4)),
+    _row(InPlaceAddKeepsDtype, torch.randn(3, 4), torch.randn(3, 4)),
+    _row(DivideByTiny, torch.tensor([0.0, 1e-30, -2e-31])),
+    _row(CopyThenMutate, torch.randn(3, 4)),
+])
+def test_canonicalize_keeps_semantics(cls, inputs):
+    model = cls()
+    out, ref = _canonicalized_output(model, *inputs), model(*inputs)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    assert out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, equal_nan=False)
+
+
+def test_tuple_concatenation_is_not_commuted():
+    """`(1,) + x.shape` is an operator.add node under fx tracing; swapping its operands changes the shape."""
+
+    def prepend_axis(x):
+        return x.reshape((1,) + x.shape)
+
+    gm = fx.symbolic_trace(prepend_axis)
+    canonicalize(gm)
+    gm.recompile()
+    x = torch.randn(2, 3)
+    assert gm(x).shape == (1, 2, 3)
