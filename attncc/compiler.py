@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -118,6 +120,17 @@ _LAST: Backend | None = None
 def last_report() -> Report | None:
     """The report of the attncc backend that compiled last, e.g. after `torch.compile(m, backend="attncc")`."""
     return None if _LAST is None else _LAST.report
+
+
+@contextmanager
+def keeping_last_report() -> Iterator[None]:
+    """Compiles inside (attncc.explain's) leave last_report() as it was."""
+    global _LAST
+    last = _LAST
+    try:
+        yield
+    finally:
+        _LAST = last
 
 
 def _frame_of_current_compile(fallback: int) -> Any:

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import inspect
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from attncc.compiler import AttnccError, Backend
+from attncc.compiler import AttnccError, Backend, keeping_last_report
 from attncc.policy import PolicyError, check_sites
 from attncc.report import Report
+
+# torch >= 2.13: the trace's recompiles get their own count, so they never use up another compile's limit
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
@@ -18,14 +26,22 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
     The graph runs once through the rewritten graph in eager mode (no Inductor compile).
     Raises AttnccError when the model has no attention that attncc can see, and PolicyError when a
     policy rule matches no site or names a layer outside the model.
+
+    explain leaves the process as it found it: it traces a copy of the model that shares its parameters
+    (AttnRes parameters and buffer updates land on the copy), from an entry function of its own and without
+    resetting dynamo, so functions compiled before it keep their compiled code; last_report() is unchanged.
+    One trace is left behind: that of a graph-breaking model whose code was compiled before (see
+    _dropping_new_cache_entries); torch >= 2.13 keeps it from counting against that compile's recompile limit.
     """
     if not isinstance(example_args, (tuple, list)):
         example_args = (example_args,)
     be = Backend(policy, inner="eager")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=be, fullgraph=False)
+    traced = _copy_sharing_parameters(getattr(model, "_orig_mod", model))
+    # dynamic=False: static shapes, as on a first compile, whatever shapes earlier explains traced
+    trace = torch.compile(_own_code(_call, traced), backend=be, fullgraph=False, dynamic=False, **_ISOLATED)
     try:
-        compiled(*example_args, **(example_kwargs or {}))
+        with keeping_last_report(), _dropping_new_cache_entries():
+            trace(traced, tuple(example_args), example_kwargs or {})
     except torch._dynamo.exc.BackendCompilerFailed as err:
         # dynamo wraps what the backend raises; a bad policy or an attncc error surfaces as itself
         inner = getattr(err, "inner_exception", None)
@@ -44,3 +60,45 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
     check_sites(be.policy, [(s.module, s.layer) for s in report.attention()],
                 max((s.layer for s in report.attention() if s.layer is not None), default=0) + 1)
     return report
+
+
+def _call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    return model(*args, **kwargs)
+
+
+def _own_code(fn: types.FunctionType, model: torch.nn.Module) -> types.FunctionType:
+    """`fn` with a code object of its own. Dynamo keeps compiled entries on the code object it traces, so the
+    entries of a trace through this copy touch no other compiled function and are freed with it.
+
+    Its globals are those of the model's forward, as when dynamo traces the model itself: dynamo imports the
+    module of an inlined function whose globals differ from the traced frame's, and a model's module need
+    not be importable (a file loaded by path)."""
+    scope = getattr(type(model).forward, "__globals__", fn.__globals__)
+    return types.FunctionType(fn.__code__.replace(), scope, fn.__name__)
+
+
+def _copy_sharing_parameters(model: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `model` whose parameters are the model's own (no copy of the weights): what the trace adds
+    to the module tree (AttnRes parameters) or updates in place (buffers, e.g. BatchNorm statistics) stays off it."""
+    return copy.deepcopy(model, {id(p): p for p in model.parameters()})
+
+
+@contextmanager
+def _dropping_new_cache_entries() -> Iterator[None]:
+    """After a graph break dynamo compiles the model's own frames too; drop the entries of code objects that had
+    none before the trace. (A code object that already had entries keeps the trace's: torch has no way to drop
+    some entries of a code object; the trace's own frame holds them whenever the model has no graph break.)"""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list, reset_code
+    from torch._dynamo.convert_frame import input_codes
+
+    def compiled_codes() -> dict[int, types.CodeType]:
+        codes = (ref() for ref in input_codes.seen)
+        return {id(code): code for code in codes if code is not None and _debug_get_cache_entry_list(code)}
+
+    before = compiled_codes()
+    try:
+        yield
+    finally:
+        for key, code in compiled_codes().items():
+            if key not in before:
+                reset_code(code)
