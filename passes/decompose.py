@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import meta_value, propagate_meta
+from .graph import meta_value, orphaned, propagate_meta, read_nodes, remove_dead
 
 
 def mha_forward(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,
@@ -167,6 +167,7 @@ def decompose(gm: fx.GraphModule) -> tuple[dict[str, int], list[tuple[fx.Node, s
     hits: dict[str, int] = {}
     refused: list[tuple[fx.Node, str]] = []
     graph = gm.graph
+    before = read_nodes(graph)
     for node in list(graph.nodes):
         if node.op != "call_function":
             continue
@@ -184,7 +185,7 @@ def decompose(gm: fx.GraphModule) -> tuple[dict[str, int], list[tuple[fx.Node, s
         fn, tensors, consts = plan
         _inline(graph, node, fn, tensors, consts)
         hits[rule.__name__] = hits.get(rule.__name__, 0) + 1
-    graph.eliminate_dead_code()
+    remove_dead(graph, orphaned(graph, before))  # not eliminate_dead_code: that drops dynamo's effectful nodes
     graph.lint()
     return hits, refused
 

@@ -207,3 +207,15 @@ def remove_dead(graph: fx.Graph, candidates: Iterable[fx.Node]) -> int:
         erased += 1
         todo.extend(n for n in inputs if n in pending)
     return erased
+
+
+def read_nodes(graph: fx.Graph) -> dict[fx.Node, bool]:
+    """Whether each node is read by another; give it to `orphaned` after a rewrite."""
+    return {node: bool(node.users) for node in graph.nodes}
+
+
+def orphaned(graph: fx.Graph, before: dict[fx.Node, bool]) -> set[fx.Node]:
+    """Candidates for `remove_dead` after a rewrite: the nodes nothing reads that the rewrite created or
+    stopped reading, with their inputs. Nodes that nothing read before (dynamo's side-effecting
+    `_vmap_increment_nesting`, an unused `x.add_(1)`) are not among them."""
+    return ancestors(node for node in graph.nodes if not node.users and before.get(node, True))

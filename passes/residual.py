@@ -44,7 +44,8 @@ from attncc.patterns.residual import NoMatch, ResidualMatch, match_residual, nor
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .graph import layer_of, meta_value, module_stack, owning_module, shape_of, static_int
+from .graph import (layer_of, meta_value, module_stack, orphaned, owning_module, read_nodes, remove_dead, shape_of,
+                    static_int)
 
 log = logging.getLogger("attncc")
 
@@ -228,6 +229,7 @@ def rewrite_residual(ctx: Context) -> None:
     variant = ctx.policy.residual
     if not states or variant.variant == "keep":
         return
+    before = read_nodes(ctx.gm.graph)
     state_of = {id(s.match): s for s in states}
     streams = _streams([s.match for s in states])
     for stream in streams:
@@ -237,7 +239,7 @@ def rewrite_residual(ctx: Context) -> None:
                 state_of[id(m)].site.status, state_of[id(m)].site.reason = "unsupported", problem
             continue
         _rewrite_stream(ctx, stream, variant.block_size, [state_of[id(m)] for m in stream.matches])
-    ctx.gm.graph.eliminate_dead_code()
+    remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # not eliminate_dead_code: that drops dynamo's effectful nodes
     ctx.gm.graph.lint()
 
 
