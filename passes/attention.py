@@ -24,7 +24,8 @@ from attncc.patterns.masks import CAUSAL, NONE, OTHER, MaskKind, allowed_from_bi
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .graph import ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, owning_module, shape_of, static_int
+from .graph import (ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, ndim_of, owning_module,
+                    propagate_meta, shape_of, static_int)
 
 
 def find_attention(ctx: Context) -> None:
@@ -335,13 +336,12 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: di
         args = (q, k, v, mask_node(graph, match) if passes_mask(state.mask) else None)
         if scale:
             args += (scale_node(graph, match),)
-        constants = {**mask_constants(state.mask), **consts, "kernels": ctx.options.kernels, "site": state.key}
-        if fn is dispatch.sparse_site:
-            constants["window_mask"] = constants.pop("window")
-            constants.pop("padding"), constants.pop("checked")
-        elif fn is not dispatch.softmax_site:
-            constants.pop("padding"), constants.pop("checked")
-        new = graph.call_function(fn, args, constants)
+        described = mask_constants(state.mask)
+        if fn is not dispatch.softmax_site:  # variants read key padding whenever they get a mask
+            described = {"structure": described["structure"], "window": described["window"]}
+        if fn is dispatch.sparse_site:  # `window` is the sparse pattern's own
+            described["window_mask"] = described.pop("window")
+        new = graph.call_function(fn, args, {**described, **consts, "kernels": ctx.options.kernels, "site": state.key})
         if match.view_lead is not None:
             new = _new(graph, torch.reshape, (new, tuple(shape_of(match.output))))
     new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
@@ -391,10 +391,16 @@ def mask_node(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
     """The site's mask as one tensor: SDPA's attn_mask, or the chain's mask ops applied to zeros."""
     if match.pattern == "sdpa_attention":
         return match.attn_mask
-    zeros = _new(graph, torch.zeros_like, (match.scores,), like=match.scores)
+    like = match.scores
+    if ndim_of(like) == 4:  # one head: a mask shared by the heads stays [B, 1, Tq, Tk]; per-head ops broadcast
+        like = _new(graph, operator.getitem, (like, (slice(None), slice(None, 1))), like=match.scores)
+    zeros = _new(graph, torch.zeros_like, (like,), like=match.scores)
     env = {match.scores: zeros}
+    for new in (like, zeros):
+        propagate_meta(new)
     for node in reversed(match.score_ops):
         env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+        propagate_meta(env[node])
     return env[match.logits]
 
 
@@ -479,12 +485,44 @@ def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
 
         heads = state.match.heads
         if v.decay == "lightning":
-            rates = lightning_decay_rates(heads, state.site.layer or 0, ctx.num_layers())
+            layers = _model_layer_count(ctx, state)
+            if layers is None:
+                return ("lightning decay depends on the model's number of layers, which attncc could not read from "
+                        "the model (it reads the length of the module list holding this site's layer)")
+            rates = lightning_decay_rates(heads, state.site.layer or 0, layers)
         else:
             rates = constant_decay_rates(heads, float(v.decay))
         rates = tuple(float(r) for r in rates)
     _insert_site(ctx, state, dispatch.linear_site, False,
                  dict(causal=causal, feature_map=v.feature_map, normalize=v.normalize, decay_rates=rates, eps=v.eps))
+    return None
+
+
+def _model_layer_count(ctx: Context, state: SiteState) -> int | None:
+    """The number of layers of the whole model (not of this graph, which a graph break may cut short):
+    the length of the module list that holds the site's layer, read from the model being compiled."""
+    from .residual import _model_from_dynamo
+
+    parts = (state.site.module or "").split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    if index is None:
+        return None
+    container = ".".join(parts[:index])
+    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
+    for node in ancestors([state.match.q]):
+        param = values.get(node)
+        if node.op != "placeholder" or not isinstance(param, torch.nn.Parameter):
+            param = getattr(node.meta.get("grapharg"), "example", None) if node.op == "placeholder" else None
+        if not isinstance(param, torch.nn.Parameter):
+            continue
+        found = _model_from_dynamo(node, param)
+        if found is None:
+            continue
+        try:
+            layers = found[0].get_submodule(container)
+        except AttributeError:
+            return None
+        return len(layers) if isinstance(layers, (torch.nn.ModuleList, torch.nn.Sequential)) else None
     return None
 
 

@@ -57,10 +57,6 @@ class Context:
         hits = self.report.pattern_hits
         hits[pattern] = hits.get(pattern, 0) + 1
 
-    def num_layers(self) -> int:
-        layers = [s.site.layer for s in self.sites if s.site.kind == "attention" and s.site.layer is not None]
-        return max(layers, default=0) + 1
-
     def placeholder_values(self) -> dict[fx.Node, Any]:
         nodes = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         values = {}
