@@ -25,7 +25,7 @@ from attncc.report import Site
 
 from .context import Context, SiteState
 from .graph import (ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, ndim_of, owning_module,
-                    propagate_meta, shape_of, static_int)
+                    orphaned, propagate_meta, read_nodes, remove_dead, shape_of, static_int)
 
 
 def find_attention(ctx: Context) -> None:
@@ -281,6 +281,7 @@ REWRITERS: dict[str, Any] = {}
 
 def rewrite_attention(ctx: Context) -> None:
     """Replace each chosen site by its variant's op; sites kept or refused stay as they are."""
+    before = read_nodes(ctx.gm.graph)
     for state in ctx.sites:
         if state.match is None or state.variant is None or state.site.kind != "attention":
             continue
@@ -298,7 +299,7 @@ def rewrite_attention(ctx: Context) -> None:
             state.site.status, state.site.reason = "unsupported", refusal
         else:
             state.site.status = "rewritten"
-    ctx.gm.graph.eliminate_dead_code()
+    remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # not eliminate_dead_code: it drops dynamo's effectful nodes
     ctx.gm.graph.lint()
 
 
