@@ -16,9 +16,11 @@ or repeats the kv heads at the attention's input.
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 
@@ -42,36 +44,35 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
         return "sqa needs q/k/v with their own head dim (these are flattened into the batch)"
     if None in (heads, kv_heads, head_dim) or shape_of(match.q) is None or len(shape_of(match.q)) != 4:
         return "sqa needs 4-D [B, H, T, D] q/k/v with static head counts"
-    hq = variant.query_heads or heads // 2
-    hkv = variant.kv_heads or min(kv_heads, hq)  # default: keep the kv heads, pooled down to hq if needed
-    if heads % hq or hq % hkv or (hkv % kv_heads and kv_heads % hkv) or hq > heads:
-        return (f"sqa cannot map {heads} query / {kv_heads} kv heads to query_heads={hq}, kv_heads={hkv}: "
-                "query_heads must divide the heads and be a multiple of kv_heads")
+    _warn_unmappable_heads(ctx)
+    counts = _head_counts(heads, kv_heads, variant)
+    if isinstance(counts, str):
+        return counts
+    hq, hkv = counts
     if hq == heads and hkv == kv_heads and variant.query_heads is None:
         return "sqa with these heads is the identity"
-    if kv_heads % hkv == 0 and (heads // hq) > (heads // kv_heads) * (kv_heads // hkv):
-        return f"sqa query groups of {heads // hq} heads would mix kv groups of {heads // kv_heads} heads"
     try:
-        q_chain = _producer_chain(match.q)
-        o_chain = _consumer_chain(match.output)
+        projection, q_nodes = _producer_chain(match.q)
+        o_nodes, o_proj = _consumer_chain(match.output)
+        o_input = o_proj.args[1] if o_proj.target is torch.addmm else o_proj.args[0]
+        q_heads = _follow_heads(projection.start, _FEATURES, q_nodes, match.q, _PER_HEAD, heads, head_dim)
+        o_heads = _follow_heads(match.output, _PER_HEAD, o_nodes, o_input, _FEATURES, heads, head_dim)
     except Refused as why:
         return str(why)
     graph = ctx.gm.graph
     try:  # new nodes only: until the last line nothing of the original graph changes
         group = heads // hq
         with graph.inserting_before(match.output):
-            projection, q_nodes = q_chain
             new_q = _copy_chain(graph, projection.start, q_nodes, match.q,
-                                _grouped_projection(graph, projection, heads, hq, head_dim, variant.init), heads, hq, head_dim)
+                                _grouped_projection(graph, projection, heads, hq, head_dim, variant.init), q_heads, hq,
+                                head_dim)
             k, v = _regroup_kv(graph, match.k, kv_heads, hkv), _regroup_kv(graph, match.v, kv_heads, hkv)
-            from .attention import _scale_node
+            from .attention import mask_constants, mask_node, passes_mask, scale_node
 
-            scale = _scale_node(graph, match)
+            scale = scale_node(graph, match)
             mask = None
-            if state.mask.kind not in ("none", "causal"):
-                from .attention import _mask_node
-
-                mask = _mask_node(graph, match)
+            if passes_mask(state.mask):
+                mask = mask_node(graph, match)
                 mask_shape = shape_of(mask)
                 if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] != 1:
                     return f"sqa cannot regroup a per-head mask ({mask_shape})"
@@ -79,22 +80,52 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
 
             attn = graph.call_function(
                 dispatch.softmax_site, (new_q, k, v, mask, scale),
-                {"causal": state.mask.kind == "causal", "dropout_p": match.dropout_p, "kernels": ctx.options.kernels,
-                 "mask_kind": str(state.mask)},
+                {**mask_constants(state.mask), "dropout_p": match.dropout_p, "kernels": ctx.options.kernels,
+                 "site": state.key},
             )
             propagate_meta(attn)
-        o_nodes, o_proj = o_chain
-        o_input = o_proj.args[1] if o_proj.target is torch.addmm else o_proj.args[0]
         with graph.inserting_before(o_proj):
-            new_out = _copy_chain(graph, match.output, o_nodes, o_input, attn, heads, hq, head_dim)
+            new_out = _copy_chain(graph, match.output, o_nodes, o_input, attn, o_heads, hq, head_dim)
             new_proj = _grouped_out(graph, o_proj, new_out, heads, hq, group, variant.init)
     except (RuntimeError, TypeError, ValueError) as error:  # the new nodes are dead; the pass's cleanup drops them
         return f"sqa could not rebuild this site with {hq} query heads: {type(error).__name__}: {error}"[:300]
     o_proj.replace_all_uses_with(new_proj)
-    state.site.kernel = "reference"
     state.site.params = {**state.site.params, "query_heads": hq, "kv_heads": hkv}
     state.site.reason = f"{heads} -> {hq} query heads, {kv_heads} -> {hkv} kv heads ({variant.init} init)"
     return None
+
+
+def _head_counts(heads: int, kv_heads: int, variant) -> tuple[int, int] | str:
+    """(query heads, kv heads) the policy asks of a site with `heads`/`kv_heads`, or why it cannot apply."""
+    hq = variant.query_heads or max(1, heads // 2)
+    hkv = variant.kv_heads or min(kv_heads, hq)  # default: keep the kv heads, pooled down to hq if needed
+    if heads % hq or hq % hkv or (hkv % kv_heads and kv_heads % hkv) or hq > heads:
+        return (f"sqa cannot map {heads} query / {kv_heads} kv heads to query_heads={hq}, kv_heads={hkv}: "
+                "query_heads must divide the heads and be a multiple of kv_heads")
+    if kv_heads % hkv == 0 and (heads // hq) > (heads // kv_heads) * (kv_heads // hkv):
+        return f"sqa query groups of {heads // hq} heads would mix kv groups of {heads // kv_heads} heads"
+    return hq, hkv
+
+
+_WARNED = "attncc_sqa_warned"
+
+
+def _warn_unmappable_heads(ctx: Context) -> None:
+    """Once per graph, at compile time: every SQA site whose head counts the policy cannot map stays unchanged."""
+    if ctx.gm.meta.get(_WARNED):
+        return
+    ctx.gm.meta[_WARNED] = True
+    problems = []
+    for state in ctx.sites:
+        match, variant = state.match, state.variant
+        if match is None or variant is None or variant.variant != "sqa" or None in (match.heads, match.kv_heads):
+            continue
+        counts = _head_counts(match.heads, match.kv_heads, variant)
+        if isinstance(counts, str):
+            problems.append(f"{state.site.module or '<root>'} (layer {state.site.layer}): {counts}")
+    if problems:
+        warnings.warn(f"attncc: {len(problems)} sqa site(s) left unchanged, their heads do not fit the policy: "
+                      + "; ".join(problems), stacklevel=2)
 
 
 @dataclass
@@ -167,6 +198,10 @@ def _check_fused_path(projection: _Projection) -> None:
             continue
         if not (node.op == "call_method" and node.target in ("view", "reshape")):
             raise Refused(f"sqa cannot follow {node.name} between the fused projection and the split")
+        src, dst = _symbolic_shape(node.args[0]), _symbolic_shape(node)
+        groups = _groups(src, dst) if src and dst else None
+        if groups is None or _group_of(groups, src, dst, len(src) - 1) != ([len(src) - 1], [len(dst) - 1]):
+            raise Refused(f"sqa cannot follow {node.name}: it does not keep the fused features as the last axis")
 
 
 def _consumer_chain(out: fx.Node) -> tuple[list[fx.Node], fx.Node]:
@@ -191,32 +226,222 @@ def _consumer_chain(out: fx.Node) -> tuple[list[fx.Node], fx.Node]:
 
 
 def _copy_chain(graph: fx.Graph, start: fx.Node, nodes: list[fx.Node], end: fx.Node, replacement: fx.Node,
-                heads: int, hq: int, head_dim: int) -> fx.Node:
+                layout: dict[fx.Node, _Heads], hq: int, head_dim: int) -> fx.Node:
     env: dict[fx.Node, Any] = {start: replacement}
     for node in nodes:
         new = graph.node_copy(node, lambda n: env.get(n, n))
-        if node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape:
-            new.args = _fix_shape_args(node, new.args, heads, hq, head_dim)
+        if _is_view(node):
+            new.args = _fix_shape_args(node, new.args, layout[node], hq, head_dim)
         propagate_meta(new)
         env[node] = new
     return env.get(end, replacement)
 
 
-def _fix_shape_args(node: fx.Node, args: tuple, heads: int, hq: int, head_dim: int) -> tuple:
-    """A view/reshape that spells the head count H (or H·D) gets Hq (or Hq·D)."""
-    out_shape = shape_of(node)
-    x, *sizes = args
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = list(sizes[0])
-    fixed = []
-    for i, size in enumerate(sizes):
-        if isinstance(size, int) and size == heads and out_shape is not None and out_shape[i] == heads:
-            fixed.append(hq)
-        elif isinstance(size, int) and size == heads * head_dim:
-            fixed.append(hq * head_dim)
+@dataclass(frozen=True)
+class _Heads:
+    """Where a tensor keeps its heads, as negative axes: the heads at `heads` and the head dim at `dim`, or
+    both merged (heads outer) in the one axis `heads` when `dim` is None. Found from the graph's structure
+    (which op moved which axis), so a sequence length equal to the head count or to H·D changes nothing."""
+
+    heads: int
+    dim: int | None
+
+
+_FEATURES = _Heads(-1, None)  # [.., H·D]: a projection's output
+_PER_HEAD = _Heads(-3, -1)  # [B, H, T, D]: attention's q and output
+
+
+def _follow_heads(start: fx.Node, layout: _Heads, nodes: list[fx.Node], end: fx.Node, want: _Heads,
+                  heads: int, head_dim: int) -> dict[fx.Node, _Heads]:
+    """The heads' axes of every node from `start` (laid out as `layout`) through `nodes` to `end`."""
+    layouts = {start: layout}
+    for node in nodes:
+        layouts[node] = _step_heads(node, layouts, heads, head_dim)
+    if layouts.get(end) != want:
+        raise Refused(f"sqa cannot follow the heads from {start.name} to {end.name}: they end up in "
+                      f"{layouts.get(end)} instead of {want}")
+    return layouts
+
+
+def _step_heads(node: fx.Node, layouts: dict[fx.Node, _Heads], heads: int, head_dim: int) -> _Heads:
+    chain = [n for n in node.all_input_nodes if n in layouts]
+    if not chain or any(layouts[n] != layouts[chain[0]] for n in chain):
+        raise Refused(f"sqa cannot follow the heads through {node.name}: its inputs lay them out differently")
+    src, layout = chain[0], layouts[chain[0]]
+    in_shape, out_shape = _symbolic_shape(src), _symbolic_shape(node)
+    if in_shape is None or out_shape is None:
+        raise Refused(f"sqa cannot follow the heads through {node.name}: no example value")
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name in ("contiguous", "to", "float", "type_as", "neg"):
+        return layout
+    if node.target in (operator.mul, operator.add, operator.sub):
+        for other in node.args:
+            shape = shape_of(other) if isinstance(other, fx.Node) and other not in layouts else None
+            if shape is not None and len(shape) >= -layout.heads and shape[layout.heads] != 1:
+                raise Refused(f"sqa cannot carry {node.name}: its operand {other.name} {tuple(shape)} differs per head")
+        return layout
+    if name in ("transpose", "swapaxes", "permute"):
+        return _moved(node, layout, len(in_shape))
+    if name in ("view", "reshape", "flatten", "unsqueeze"):
+        return _regrouped(node, layout, in_shape, out_shape, heads, head_dim)
+    if node.target is operator.getitem:
+        return _indexed(node, layout, len(in_shape), len(out_shape))
+    if node.target is torch.cat:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        tensors = node.args[0]
+        if not isinstance(dim, int) or any(t not in layouts for t in tensors):
+            raise Refused(f"sqa cannot carry {node.name}: it concatenates tensors from outside the heads' chain")
+        if dim % len(out_shape) - len(out_shape) == layout.heads:
+            raise Refused(f"sqa cannot carry {node.name}: it concatenates along the heads")
+        return layout
+    raise Refused(f"sqa cannot carry {node.name} ({node.target}) between a projection and attention")
+
+
+def _moved(node: fx.Node, layout: _Heads, ndim: int) -> _Heads:
+    """The heads through transpose/permute: axes move by the op's own dims."""
+    if node.target == "permute" or node.target is torch.permute:
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        dims = node.kwargs.get("dims", dims)
+        order = [d % ndim for d in dims]
+    else:
+        d0, d1 = (node.args[1], node.args[2]) if len(node.args) == 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
+        order = list(range(ndim))
+        order[d0 % ndim], order[d1 % ndim] = order[d1 % ndim], order[d0 % ndim]
+    if sorted(order) != list(range(ndim)):
+        raise Refused(f"sqa cannot read the axes of {node.name}")
+
+    def moved(axis: int | None) -> int | None:
+        return None if axis is None else order.index(axis % ndim) - ndim
+
+    return _Heads(moved(layout.heads), moved(layout.dim))
+
+
+def _groups(src: tuple, dst: tuple) -> list[tuple[list[int], list[int]]] | None:
+    """Axes of `src` and of `dst` (a view of it) that hold the same elements, as pairs of runs.
+
+    A run ends where the running products of the sizes agree: that is where a row-major view puts the same
+    flat offset, whatever the sizes themselves are. Sizes are sympy expressions, so a symbolic length
+    is matched as a symbol, never by its example value."""
+
+    def running(shape):
+        out, total = [], sympy.Integer(1)
+        for size in shape:
+            total = total * size
+            out.append(total)
+        return out
+
+    a, b = running(src), running(dst)
+    if not src or not dst or a[-1] != b[-1]:
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i0 = j0 = 0
+    for i in range(len(src)):
+        j = next((j for j in range(j0, len(dst)) if b[j] == a[i]), None)
+        if j is not None:
+            groups.append((list(range(i0, i + 1)), list(range(j0, j + 1))))
+            i0, j0 = i + 1, j + 1
+    last_in, last_out = groups[-1]
+    groups[-1] = (last_in + list(range(i0, len(src))), last_out + list(range(j0, len(dst))))  # trailing 1s
+    return groups
+
+
+def _group_of(groups: list, src: tuple, dst: tuple, axis: int) -> tuple[list[int], list[int]]:
+    """The run holding input `axis`, without its size-1 axes."""
+    (ins, outs), = [(i, o) for i, o in groups if axis in i]
+    return [a for a in ins if a == axis or src[a] != 1], [a for a in outs if dst[a] != 1]
+
+
+def _regrouped(node: fx.Node, layout: _Heads, src: tuple, dst: tuple, heads: int, head_dim: int) -> _Heads:
+    """The heads through view/reshape/flatten/unsqueeze: which output axes hold the heads' elements."""
+    groups = _groups(src, dst)
+    if groups is None:
+        raise Refused(f"sqa cannot match the axes of {node.name}")
+    n, m = len(src), len(dst)
+    h = layout.heads % n
+    ins, outs = _group_of(groups, src, dst, h)
+    if layout.dim is None:  # heads merged with the head dim: [.., H·D]
+        if ins == [h] and len(outs) == 1:
+            return _Heads(outs[0] - m, None)
+        if ins == [h] and len(outs) == 2 and (dst[outs[0]], dst[outs[1]]) == (heads, head_dim):
+            return _Heads(outs[0] - m, outs[1] - m)  # [H·D] -> [H, D]
+    else:
+        d = layout.dim % n
+        if ins == [h] and len(outs) == 1:
+            d_ins, d_outs = _group_of(groups, src, dst, d)
+            if d_ins == [d] and len(d_outs) == 1:
+                return _Heads(outs[0] - m, d_outs[0] - m)
+        if ins == [h, d] and len(outs) == 1:  # [H, D] -> [H·D]
+            return _Heads(outs[0] - m, None)
+    raise Refused(f"sqa cannot follow the heads through {node.name}: it mixes them with other axes")
+
+
+def _indexed(node: fx.Node, layout: _Heads, in_ndim: int, out_ndim: int) -> _Heads:
+    """The heads through x[...]: only other axes may be indexed (rotary's x[..., :D/2] slices the head dim)."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    if not all(e is None or e is Ellipsis or isinstance(e, (int, slice)) for e in index):
+        raise Refused(f"sqa cannot follow the heads through the indexing {node.name}")
+    consumed = sum(1 for e in index if e is not None and e is not Ellipsis)
+    expanded: list = []
+    for e in index:
+        expanded.extend([slice(None)] * (in_ndim - consumed) if e is Ellipsis else [e])
+    if Ellipsis not in index:
+        expanded.extend([slice(None)] * (in_ndim - consumed))
+    where: dict[int, tuple[int | None, Any]] = {}
+    axis = out = 0
+    for e in expanded:
+        if e is None:
+            out += 1
+        elif isinstance(e, int):
+            where[axis], axis = (None, e), axis + 1
         else:
-            fixed.append(size)
-    return (x, *fixed)
+            where[axis], axis, out = (out, e), axis + 1, out + 1
+    h = layout.heads % in_ndim
+    if axis != in_ndim:
+        raise Refused(f"sqa cannot follow the heads through the indexing {node.name}")
+    new_h, sliced = where[h]
+    if new_h is None or sliced != slice(None):
+        raise Refused(f"sqa cannot carry {node.name}: it indexes the heads")
+    new_d = None
+    if layout.dim is not None:
+        new_d, _ = where[layout.dim % in_ndim]
+        if new_d is None:
+            raise Refused(f"sqa cannot carry {node.name}: it drops the head dim")
+    return _Heads(new_h - out_ndim, None if new_d is None else new_d - out_ndim)
+
+
+def _symbolic_shape(node: Any) -> tuple | None:
+    """Sizes as sympy expressions (a symbolic length stays a symbol), or None."""
+    shape = shape_of(node)
+    if shape is None:
+        return None
+    out = []
+    for size in shape:
+        if isinstance(size, int):
+            out.append(sympy.Integer(size))
+        elif isinstance(size, torch.SymInt):
+            out.append(size.node.expr)
+        else:
+            return None
+    return tuple(out)
+
+
+def _is_view(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape
+
+
+def _fix_shape_args(node: fx.Node, args: tuple, layout: _Heads, hq: int, head_dim: int) -> tuple:
+    """A view/reshape spells the heads' axis (H, or H·D when merged) as Hq (or Hq·D); -1 stays -1."""
+    x, *sizes = args
+    packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+    if packed:
+        sizes = list(sizes[0])
+    position = layout.heads % len(sizes)
+    size = sizes[position]
+    if size != -1:
+        if not isinstance(size, int):
+            raise ValueError(f"{node.name} computes the head count in the graph")
+        sizes[position] = hq if layout.dim is not None else hq * head_dim
+    return (x, tuple(sizes)) if packed else (x, *sizes)
 
 
 def _call(graph: fx.Graph, target, *args) -> fx.Node:

@@ -219,14 +219,6 @@ def test_remove_dead_erases_only_dead_pure_candidates():
     torch.testing.assert_close(gm(torch.ones(2)), torch.full((2,), 3.0))
 
 
-_NEEDS_ATTENTION_PY = pytest.mark.xfail(
-    strict=True,
-    reason="passes/attention.py rewrite_attention still calls graph.eliminate_dead_code(), which runs under "
-           "every policy; it must call remove_dead(graph, orphaned(graph, read_nodes(graph) taken before))",
-)
-
-
-@_NEEDS_ATTENTION_PY
 @pytest.mark.parametrize("policy", ["keep", "softmax"])
 def test_vmap_in_forward_compiles_under_every_policy(policy):
     torch.manual_seed(0)
@@ -239,7 +231,6 @@ def test_vmap_in_forward_compiles_under_every_policy(policy):
     assert site.status == ("kept" if policy == "keep" else "rewritten")
 
 
-@_NEEDS_ATTENTION_PY
 def test_unread_in_place_op_survives_the_pipeline():
     model = CopyThenMutate()
     x = torch.randn(3, 4)
@@ -247,3 +238,41 @@ def test_unread_in_place_op_survives_the_pipeline():
         warnings.simplefilter("ignore")  # no attention in this model
         out = torch.compile(model, backend=attncc.backend({"attention": "keep"}, inner="aot_eager"))(x)
     torch.testing.assert_close(out, model(x))
+
+
+# --- size coincidences do not change decisions; a policy that cannot apply says so -----------------
+
+
+@pytest.mark.parametrize("length", [32, 4, 8], ids=["T=hidden", "T=heads", "T=head_dim"])
+def test_sqa_when_the_length_equals_a_model_size(length):
+    """Tiny Llama has hidden 32, 4 heads of 8: a length equal to any of them must not be taken for them."""
+    from test_sqa import _llama, _surgery
+
+    torch.manual_seed(0)
+    model = _llama(4, 2).eval()
+    ids = zoo._ids(2, length)
+    policy = {"attention": {"variant": "sqa", "query_heads": 2, "kv_heads": 1, "init": "mean"}}
+    be = attncc.backend(policy, inner="aot_eager")
+    out = torch.compile(model, backend=be)(ids, use_cache=False)[0]
+    assert [s.status for s in be.report.attention()] == ["rewritten"] * 2, be.report
+    reference = _llama(2, 1).eval()
+    reference.load_state_dict(_surgery(model.state_dict(), 2, 1, "mean"))
+    torch.testing.assert_close(out, reference(ids, use_cache=False)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_sqa_query_heads_that_do_not_divide_warn_once_per_graph():
+    from test_sqa import _llama
+
+    torch.manual_seed(0)
+    model = _llama(4, 2).eval()
+    ids = zoo._ids(2, 11)
+    be = attncc.backend({"attention": {"variant": "sqa", "query_heads": 3}}, inner="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(model, backend=be)(ids, use_cache=False)[0]
+    torch.testing.assert_close(out, model(ids, use_cache=False)[0])
+    sites = be.report.attention()
+    assert {s.status for s in sites} == {"unsupported"} and all("query_heads=3" in s.reason for s in sites)
+    ours = [str(w.message) for w in caught if "sqa" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert all(s.module in ours[0] for s in sites) and "must divide" in ours[0]
