@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from attncc.codegen.dispatch import KERNEL_CHOICES
+from attncc.codegen.dispatch import KERNEL_CHOICES, VARIANTS_WITHOUT_KERNELS
 from attncc.passes.context import Context, Options
 from attncc.passes.pipeline import run_pipeline
 from attncc.policy import Policy, load_policy
@@ -59,16 +59,13 @@ class Backend:
                 raise ValueError(f"{name}={value!r}: expected a bool (True or False), got {type(value).__name__}")
         self.options = Options(inner=inner, kernels=kernels, verify=verify, debug=debug)
         self.reports: list[Report] = []  # one per compiled graph, recompiles included
-        self._frames: list[Any] = []  # the frame each graph came from
 
     @property
     def report(self) -> Report:
-        """All graphs' sites; a recompile of a frame (a new shape, say) replaces that frame's earlier report."""
-        latest: dict[Any, Report] = {}
-        for frame, r in zip(self._frames, self.reports):
-            latest[frame] = r
-        merged = Report(policy=self.policy.name, graphs=len(latest))
-        for r in latest.values():
+        """All graphs' sites. A recompile (a new shape, a decode step) adds a graph; the earlier graphs
+        of the frame still run for the inputs they were compiled for, so their sites stay listed."""
+        merged = Report(policy=self.policy.name, graphs=len(self.reports))
+        for r in self.reports:
             merged.sites.extend(r.sites)
             for key, n in r.pattern_hits.items():
                 merged.pattern_hits[key] = merged.pattern_hits.get(key, 0) + n
@@ -84,10 +81,10 @@ class Backend:
         ctx.report.graphs = 1
         gm = run_pipeline(ctx)
         self.reports.append(ctx.report)
-        self._frames.append(_frame_of_current_compile(len(self.reports)))
         global _LAST
         _LAST = self
         _warn_if_nothing_found(ctx, self.policy)
+        _warn_if_no_kernel(ctx)
         for problem in ctx.policy_warnings:
             warnings.warn(f"{problem} (in this graph; attncc.explain checks the whole model)", stacklevel=2)
         if not ctx.report.count("rewritten"):
@@ -133,13 +130,6 @@ def keeping_last_report() -> Iterator[None]:
         _LAST = last
 
 
-def _frame_of_current_compile(fallback: int) -> Any:
-    """The Python frame dynamo is compiling (stable across its recompiles), or a unique key."""
-    compile_id = torch._guards.CompileContext.current_compile_id()
-    frame = getattr(compile_id, "frame_id", None)
-    return ("frame", frame) if frame is not None else ("graph", fallback)
-
-
 def registered_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
     """Entry point for `torch.compile(model, backend="attncc", options={"policy": ..., ...})`."""
     options = dict(options or {})
@@ -176,6 +166,17 @@ def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) ->
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+def _warn_if_no_kernel(ctx: Context) -> None:
+    """kernels='triton' asks for kernels: say which rewritten sites have none (they run the reference)."""
+    if ctx.options.kernels != "triton":
+        return
+    missing = sorted({s.variant for s in ctx.report.sites if s.status == "rewritten" and s.kind == "attention"
+                      and s.variant in VARIANTS_WITHOUT_KERNELS})
+    if missing:
+        warnings.warn(f"kernels='triton': {', '.join(missing)} sites have no Triton kernel yet; they run the "
+                      "reference (explain's `kernel` column shows what each site ran)", stacklevel=3)
 
 
 def _warn_if_nothing_found(ctx: Context, policy: Policy) -> None:

@@ -16,6 +16,7 @@ from attncc.codegen import emit, reference_ops, runtime_mask
 from attncc.codegen.reference.softmax import softmax_attention
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
+VARIANTS_WITHOUT_KERNELS = ("linear", "softplus", "mala")  # their sites run the reference op everywhere
 
 
 def use_kernels(kernels: str, *tensors: torch.Tensor) -> bool:
@@ -115,6 +116,7 @@ def _scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor,
 
 
 def _no_kernel(kernels: str, variant: str, site: str, *tensors: torch.Tensor) -> None:
+    assert variant in VARIANTS_WITHOUT_KERNELS
     emit.ran(site, f"reference (no {variant} kernel yet)" if use_kernels(kernels, *tensors) else "reference")
 
 

@@ -29,7 +29,13 @@ from .graph import (ancestors, evaluate, is_parameter_placeholder, layer_of, met
 
 
 def find_attention(ctx: Context) -> None:
-    """Match every SDPA call and every softmax over the last dim; record a site for each."""
+    """Match every SDPA call and every softmax over the last dim; record a site for each, and one for
+    every attention op that decomposition refused (with its reason)."""
+    for node, reason in ctx.refused_ops:
+        module, _ = owning_module(node)
+        name = getattr(node.target, "__name__", str(node.target))
+        ctx.add_site(Site(kind="attention", module=module, layer=layer_of(module), pattern=name, status="unsupported",
+                          reason=f"{reason}; left unchanged", mask="?"), None)
     for node in list(ctx.gm.graph.nodes):
         if is_sdpa(node):
             matcher = match_sdpa

@@ -361,14 +361,15 @@ def test_verify_skips_variants_that_change_the_function():
     assert be.report.count("rewritten") == 2
 
 
-def test_recompile_replaces_the_frames_report_and_by_name_report_is_reachable():
+def test_recompile_keeps_every_graph_and_by_name_report_is_reachable():
     model = _model()
     be = attncc.backend(SOFTMAX, inner="eager")
     compiled = torch.compile(model, backend=be)
     compiled(_x())
     compiled(torch.randn(B, T + 3, C))  # a new length: dynamo recompiles the same frame
-    assert len(be.reports) >= 2
-    assert be.report.count("rewritten") == 2, be.report
+    compiled(_x())  # ... and the first graph still runs for the first length
+    assert len(be.reports) == 2 and be.report.graphs == 2
+    assert [(s.graph, s.status) for s in be.report.attention()] == [(0, "rewritten")] * 2 + [(1, "rewritten")] * 2
     torch._dynamo.reset()
     torch.compile(model, backend="attncc", options={"policy": SOFTMAX, "inner": "eager"})(_x())
     assert attncc.last_report().count("rewritten") == 2

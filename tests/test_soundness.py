@@ -358,3 +358,21 @@ def test_lightning_decay_refuses_a_site_whose_layer_is_unknown():
         torch.compile(model, backend=be)(torch.randint(0, VOCAB, (B, T)))
     sites = be.report.attention()
     assert sites and all(s.status == "unsupported" and "number of layers" in s.reason for s in sites), be.report
+
+
+# --- never a silent no-op ---------------------------------------------------------------------------
+
+def test_a_refused_attention_op_is_reported_with_its_reason():
+    mha = nn.MultiheadAttention(C, HEADS, add_bias_kv=True, batch_first=True)
+    x = torch.randn(B, T, C)
+    report = attncc.explain(mha, (x, x, x), {"attention": "softmax"}, {"need_weights": False})
+    (site,) = report.attention()
+    assert site.status == "unsupported" and "bias_k/bias_v" in site.reason
+
+
+@pytest.mark.parametrize("variant", ["linear", "softplus", "mala"])
+def test_triton_kernels_asked_for_a_variant_without_one_warns(variant):
+    model = CausalMHA().eval()
+    compiled, be = _compile(model, variant, "triton")
+    with pytest.warns(UserWarning, match=f"kernels='triton': {variant} sites have no Triton kernel yet"):
+        compiled(torch.randint(0, VOCAB, (B, T)), attention_mask=attention_mask("none"))
