@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from attncc.codegen import emit, runtime_mask
-from attncc.codegen.reference.softmax import softmax_attention
+from attncc.codegen.reference.softmax import softmax_attention, softmax_attention_backward
 
 
 @torch.library.custom_op("attncc::flash_attention", mutates_args=())
@@ -132,10 +132,7 @@ def flash_attention_checked_backward(do: torch.Tensor, q: torch.Tensor, k: torch
         causal, pattern = _checked_pattern(kind)
         return flash_attention_bwd(do.contiguous(), q, k, v, o, lse, scale=scale, causal=causal, pattern=pattern,
                                    window=window, key_padding=keys)
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        out = softmax_attention(*inputs, scale=scale, mask=mask)
-        grads = torch.autograd.grad(out, inputs, do)
+    grads = softmax_attention_backward(do, q, k, v, scale=scale, mask=mask)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -61,3 +61,30 @@ def softmax_attention(
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def softmax_attention_backward(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `softmax_attention(q, k, v, scale=scale, mask=mask)`, written out (for ops whose
+    backward runs where autograd is off): with P the probabilities and O = P·V,
+    dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = scale·dS·K, dK = scale·dSᵀ·Q;
+    GQA sums the gradients of the query heads that share a kv head. The mask gets no gradient."""
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    kr, vr = repeat_kv(k, heads).float(), repeat_kv(v, heads).float()
+    qf, dof = q.float(), do.float()
+    scores = torch.matmul(qf, kr.transpose(-2, -1)) * scale
+    allowed = mask if mask.dtype == torch.bool else mask > NO_KEY
+    scores = scores.masked_fill(~allowed, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    any_key = allowed.any(dim=-1, keepdim=True)
+    probs = torch.softmax(torch.where(any_key, scores, 0.0), dim=-1) * any_key
+    out = torch.matmul(probs, vr)
+    dv = torch.matmul(probs.transpose(-2, -1), dof)
+    ds = probs * (torch.matmul(dof, vr.transpose(-2, -1)) - (dof * out).sum(-1, keepdim=True))
+    dq = torch.matmul(ds, kr) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), qf) * scale
+    if kv_heads != heads:
+        group = heads // kv_heads
+        dk = dk.unflatten(-3, (kv_heads, group)).sum(-3)
+        dv = dv.unflatten(-3, (kv_heads, group)).sum(-3)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
