@@ -11,12 +11,16 @@ cd /tmp
 python -c "import attncc, attncc.codegen.ops; print(\"attncc from\", attncc.__file__)" || { tail -20 "$OUT/install.log"; exit 1; }
 what=${1:-all}
 status=0
+if [ "$what" = soundness ]; then  # the GPU tests, then the soundness tables under this machine's torch
+    python -m pytest -q -m gpu "$REPO/tests" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 || status=1
+    python -m pytest -q "$REPO/tests/test_soundness.py" "$REPO/tests/test_ops.py" "$REPO/tests/test_soundness_passes.py" "$REPO/tests/test_validation.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_soundness.log" | tail -8 || status=1
+fi
 if [ "$what" = tests ] || [ "$what" = all ]; then
     python -m pytest -q -m gpu "$REPO/tests" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -15 || status=1
     python -m pytest -q "$REPO/tests/test_ops.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_ops.log" | tail -5 || status=1
 fi
 if [ "$what" = compat ]; then  # the CPU suite's model tests under this machine's torch and transformers
-    python -m pytest -q -x "$REPO/tests/test_ops.py" "$REPO/tests/test_families.py" "$REPO/tests/test_models.py" "$REPO/tests/test_sqa.py" "$REPO/tests/test_variants_e2e.py" "$REPO/tests/test_spellings.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_compat.log" | tail -8 || status=1
+    python -m pytest -q -x "$REPO/tests/test_ops.py" "$REPO/tests/test_families.py" "$REPO/tests/test_models.py" "$REPO/tests/test_sqa.py" "$REPO/tests/test_variants_e2e.py" "$REPO/tests/test_spellings.py" "$REPO/tests/test_soundness.py" "$REPO/tests/test_sdpa_arguments.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_compat.log" | tail -8 || status=1
 fi
 if [ "$what" = flash ] || [ "$what" = all ]; then
     python "$REPO/bench/bench_flash.py" --sizes 2048 8192 32768 2>&1 | tee "$OUT/bench_flash.log" | tail -14
