@@ -39,6 +39,7 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
     traced = _copy_sharing_parameters(getattr(model, "_orig_mod", model))
     # dynamic=False: static shapes, as on a first compile, whatever shapes earlier explains traced
     trace = torch.compile(_own_code(_call, traced), backend=be, fullgraph=False, dynamic=False, **_ISOLATED)
+    breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
     try:
         with keeping_last_report(), _dropping_new_cache_entries():
             trace(traced, tuple(example_args), example_kwargs or {})
@@ -49,17 +50,28 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
             raise inner from err
         raise
     report = be.report
+    breaks = _new_graph_breaks(breaks_before)
     if not report.graphs:
-        raise AttnccError("dynamo captured no graph of this model (is its forward fully Python-side?)")
+        raise AttnccError(f"dynamo captured no graph of {type(model).__name__}, so attncc never saw it{breaks}")
     if not report.attention():
         raise AttnccError(
             f"no attention found in {type(model).__name__}: attncc looks for scaled_dot_product_attention calls "
             "and softmax(q·kᵀ)·v chains. If the model has attention, it may live in an op attncc does not "
-            "decompose; run with ATTNCC_DEBUG=1 to dump the graphs."
+            f"decompose, or in code dynamo did not capture; run with ATTNCC_DEBUG=1 to dump the graphs.{breaks}"
         )
     check_sites(be.policy, [(s.module, s.layer) for s in report.attention()],
                 max((s.layer for s in report.attention() if s.layer is not None), default=0) + 1)
     return report
+
+
+def _new_graph_breaks(before: dict[str, int]) -> str:
+    """The graph breaks dynamo counted since `before`, as a sentence for an error (empty when none)."""
+    now = torch._dynamo.utils.counters["graph_break"]
+    reasons = [reason.split("\n")[0] for reason, n in now.items() if n > before.get(reason, 0)]
+    if not reasons:
+        return ""
+    return (". dynamo broke the graph (code after a break that dynamo skips, such as torch.nn's own modules, "
+            "is never compiled): " + "; ".join(reasons[:3]))
 
 
 def _call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:

@@ -382,3 +382,17 @@ def test_triton_kernels_asked_for_a_variant_without_one_warns(variant):
     compiled, be = _compile(model, variant, "triton")
     with pytest.warns(UserWarning, match=f"kernels='triton': {variant} sites have no Triton kernel yet"):
         compiled(torch.randint(0, VOCAB, (B, T)), attention_mask=attention_mask("none"))
+
+
+def test_a_model_dynamo_never_hands_to_attncc_is_explained():
+    """nn.Transformer checks its tgt_mask with a data-dependent bool(): dynamo breaks the graph inside
+    torch.nn and never compiles the attention. explain says so, with dynamo's reason; with
+    tgt_is_causal=True (no check), every site is found."""
+    model = nn.Transformer(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=64,
+                           dropout=0.0, batch_first=True).eval()
+    src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    with pytest.raises(attncc.AttnccError, match="attncc never saw it. dynamo broke the graph"):
+        attncc.explain(model, (src, tgt), {"attention": "softmax"}, {"tgt_mask": mask})
+    report = attncc.explain(model, (src, tgt), {"attention": "softmax"}, {"tgt_mask": mask, "tgt_is_causal": True})
+    assert [s.status for s in report.attention()] == ["rewritten"] * 3
