@@ -51,7 +51,7 @@ class AttentionMatch:
     kv_repeat: int
     scale: float | fx.Node | None
     is_causal: bool
-    dropout_p: float
+    dropout_p: float | fx.Node  # a node: a probability only known at run time (a float attribute under dynamic=True)
     attn_mask: fx.Node | None = None
     scores: fx.Node | None = None
     logits: fx.Node | None = None
@@ -175,8 +175,7 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
     bound.apply_defaults()
     a = bound.arguments
     q, k, v = a["query"], a["key"], a["value"]
-    if not isinstance(a["dropout_p"], (int, float)):
-        raise NoMatch("dropout_p is not a constant")
+    dropout_p = _dropout_probability(a["dropout_p"])
     if not isinstance(a["is_causal"], bool):
         raise NoMatch("is_causal is not a constant")
     scale = a["scale"]
@@ -193,7 +192,7 @@ def match_sdpa(node: fx.Node) -> AttentionMatch:
         kv_repeat=group,
         scale=scale,
         is_causal=a["is_causal"],
-        dropout_p=float(a["dropout_p"]),
+        dropout_p=dropout_p,
         attn_mask=a["attn_mask"],
         interior=[node],
     )
@@ -359,9 +358,9 @@ def _walk_to_value_product(softmax: fx.Node):
             node = user
         elif _is_call(user, F.dropout):
             p, training = user.args[1], user.args[2]
-            if not isinstance(p, (int, float)) or not isinstance(training, bool):
-                raise NoMatch("dropout probability or training flag is not a constant")
-            dropout_p = float(p) if training else 0.0
+            if not isinstance(training, bool):
+                raise NoMatch("the dropout's training flag is not a constant")
+            dropout_p = _dropout_probability(p) if training else 0.0  # training=False: the identity, whatever p is
             node = user
         elif _is_call(user, torch.matmul) and user.args[0] is node:
             return user, dropout_p, chain
@@ -369,6 +368,18 @@ def _walk_to_value_product(softmax: fx.Node):
             raise NoMatch(f"the softmax output goes to {_describe(user)}, not to a product with v")
         chain.append(node)
     raise NoMatch("no product with v after the softmax")
+
+
+def _dropout_probability(p: Any) -> float | fx.Node:
+    """A dropout probability as a float, or as the node of a Python scalar known only at run time.
+
+    Under dynamic=True dynamo lifts a float attribute (`self.dropout`) to a 0-d tensor input and reads
+    it with `.item()`: the site then passes that node on to its op, which applies the dropout as given."""
+    if isinstance(p, (int, float)) and not isinstance(p, bool):
+        return float(p)
+    if isinstance(p, fx.Node) and isinstance(meta_value(p), (float, torch.SymFloat, int, torch.SymInt)):
+        return p
+    raise NoMatch(f"dropout probability {_describe(p)} is neither a number nor a Python scalar of the graph")
 
 
 def _peel_scalars(node: fx.Node) -> tuple[fx.Node, list]:

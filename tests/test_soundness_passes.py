@@ -276,3 +276,81 @@ def test_sqa_query_heads_that_do_not_divide_warn_once_per_graph():
     ours = [str(w.message) for w in caught if "sqa" in str(w.message)]
     assert len(ours) == 1, ours
     assert all(s.module in ours[0] for s in sites) and "must divide" in ours[0]
+
+
+# --- a probability dynamo lifted to an input is not a reason to refuse -----------------------------
+
+
+class NanoGptSdpa(torch.nn.Module):
+    """nanoGPT's CausalSelfAttention with flash attention."""
+
+    def __init__(self, c: int = 32, heads: int = 4, p: float = 0.1):
+        super().__init__()
+        self.c_attn, self.c_proj = torch.nn.Linear(c, 3 * c), torch.nn.Linear(c, c)
+        self.heads, self.attn_dropout = heads, p
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(x).split(c, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0,
+                                           is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class NanoGptChain(NanoGptSdpa):
+    """nanoGPT's CausalSelfAttention without flash attention: `F.dropout(att, p=self.p, training=...)`."""
+
+    def __init__(self, c: int = 32, heads: int = 4, p: float = 0.1):
+        super().__init__(c, heads, p)
+        self.p = p
+
+    def forward(self, x):
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in self.c_attn(x).split(c, dim=2))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / (k.size(-1) ** 0.5))
+        att = F.dropout(F.softmax(att, dim=-1), p=self.p, training=self.training)
+        return self.c_proj((att @ v).transpose(1, 2).contiguous().view(b, t, c))
+
+
+class DropoutAttribute(torch.nn.Module):
+    """SDPA applies `dropout_p` whatever the mode: a float attribute is a run-time probability."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=self.p)
+
+
+def _compiled_dynamic(model, inner: str):
+    be = attncc.backend({"attention": "softmax"}, inner=inner)
+    return torch.compile(model, backend=be, dynamic=True), be
+
+
+@pytest.mark.parametrize("inner", ["aot_eager", "eager"])
+@pytest.mark.parametrize("cls", [NanoGptSdpa, NanoGptChain], ids=lambda c: c.__name__)
+def test_symbolic_dropout_in_eval_mode_is_rewritten(cls, inner):
+    torch.manual_seed(0)
+    model = cls().eval()
+    compiled, be = _compiled_dynamic(model, inner)
+    for length in (7, 13):
+        x = torch.randn(2, length, 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = compiled(x)
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+    sites = be.report.attention()
+    assert sites and {s.status for s in sites} == {"rewritten"}, be.report
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_run_time_dropout_probability_is_passed_on(p):
+    """inner="eager" runs the graph dynamo traced (AOT would specialize the float): p=1 drops everything."""
+    torch.manual_seed(0)
+    model = DropoutAttribute(p)
+    compiled, be = _compiled_dynamic(model, "eager")
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-6)
+    (site,) = be.report.attention()
+    assert site.status == "rewritten", be.report
