@@ -164,7 +164,9 @@ def _same_result(x: torch.Tensor, other: Any) -> bool:
     try:
         if torch.result_type(x, other) != x.dtype:
             return False
-        return not isinstance(other, torch.Tensor) or tuple(torch.broadcast_shapes(x.shape, other.shape)) == tuple(x.shape)
+        if not isinstance(other, torch.Tensor):
+            return True
+        return tuple(torch.broadcast_shapes(x.shape, other.shape)) == tuple(x.shape)
     except Exception:
         return False
 

@@ -185,7 +185,7 @@ def decompose(gm: fx.GraphModule) -> tuple[dict[str, int], list[tuple[fx.Node, s
         fn, tensors, consts = plan
         _inline(graph, node, fn, tensors, consts)
         hits[rule.__name__] = hits.get(rule.__name__, 0) + 1
-    remove_dead(graph, orphaned(graph, before))  # not eliminate_dead_code: that drops dynamo's effectful nodes
+    remove_dead(graph, orphaned(graph, before))  # eliminate_dead_code would drop dynamo's effect nodes
     graph.lint()
     return hits, refused
 

@@ -239,7 +239,7 @@ def rewrite_residual(ctx: Context) -> None:
                 state_of[id(m)].site.status, state_of[id(m)].site.reason = "unsupported", problem
             continue
         _rewrite_stream(ctx, stream, variant.block_size, [state_of[id(m)] for m in stream.matches])
-    remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # not eliminate_dead_code: that drops dynamo's effectful nodes
+    remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # eliminate_dead_code would drop dynamo's effect nodes
     ctx.gm.graph.lint()
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from .context import Context, SiteState
-from .graph import ancestors, meta_value, propagate_meta, shape_of
+from .graph import ancestors, propagate_meta, shape_of
 
 _LINEAR = torch._C._nn.linear
 _HEADWISE_METHODS = {"view", "reshape", "transpose", "contiguous", "to", "float", "type_as", "unsqueeze", "flatten"}
@@ -304,7 +304,7 @@ def _moved(node: fx.Node, layout: _Heads, ndim: int) -> _Heads:
         dims = node.kwargs.get("dims", dims)
         order = [d % ndim for d in dims]
     else:
-        d0, d1 = (node.args[1], node.args[2]) if len(node.args) == 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
+        d0, d1 = node.args[1:3] if len(node.args) == 3 else (node.kwargs.get("dim0"), node.kwargs.get("dim1"))
         order = list(range(ndim))
         order[d0 % ndim], order[d1 % ndim] = order[d1 % ndim], order[d0 % ndim]
     if sorted(order) != list(range(ndim)):
