@@ -62,10 +62,14 @@ class Backend:
 
     @property
     def report(self) -> Report:
-        """All graphs' sites. A recompile (a new shape, a decode step) adds a graph; the earlier graphs
-        of the frame still run for the inputs they were compiled for, so their sites stay listed."""
-        merged = Report(policy=self.policy.name, graphs=len(self.reports))
-        for r in self.reports:
+        """The sites of every graph that has run, and of each frame's newest graph. A recompile (a new
+        shape, a decode step) adds a graph; the earlier graphs of the frame still run for the inputs
+        they were compiled for, so their sites stay listed. A graph dynamo compiled and dropped before
+        it ever ran (with dynamic=True, the first trace of a float attribute) is not listed."""
+        newest = {r.frame: r for r in self.reports}
+        graphs = [r for r in self.reports if r.ran or newest[r.frame] is r]
+        merged = Report(policy=self.policy.name, graphs=len(graphs))
+        for r in graphs:
             merged.sites.extend(r.sites)
             for key, n in r.pattern_hits.items():
                 merged.pattern_hits[key] = merged.pattern_hits.get(key, 0) + n
@@ -79,6 +83,7 @@ class Backend:
                       graph_index=len(self.reports))
         ctx.report.policy = self.policy.name
         ctx.report.graphs = 1
+        ctx.report.frame = _frame_of_current_compile(len(self.reports))
         gm = run_pipeline(ctx)
         self.reports.append(ctx.report)
         global _LAST
@@ -89,15 +94,15 @@ class Backend:
             warnings.warn(f"{problem} (in this graph; attncc.explain checks the whole model)", stacklevel=2)
         if not ctx.report.count("rewritten"):
             # nothing rewritten: the inner compiler gets dynamo's graph, so `keep` is plain torch.compile
-            return _inner_compile(self.options.inner, original, example_inputs)
+            return _marking_run(_inner_compile(self.options.inner, original, example_inputs), ctx.report)
         compiled = _inner_compile(self.options.inner, gm, example_inputs)
         if self.options.verify:
             changed = sorted({s.variant for s in ctx.report.sites if s.status == "rewritten"} - FUNCTION_PRESERVING)
             if not changed:
-                return _verifying(compiled, original, ctx.report)
+                return _marking_run(_verifying(compiled, original, ctx.report), ctx.report)
             warnings.warn(f"verify compares against the original graph, so it only checks function-preserving "
                           f"rewrites; this graph also has {', '.join(changed)} sites and is not checked", stacklevel=2)
-        return compiled
+        return _marking_run(compiled, ctx.report)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={getattr(self.options, f.name)!r}" for f in dataclasses.fields(self.options))
@@ -166,6 +171,25 @@ def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) ->
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
+
+
+def _frame_of_current_compile(fallback: int) -> Any:
+    """The Python frame dynamo is compiling (stable across its recompiles), or a unique key."""
+    compile_id = torch._guards.CompileContext.current_compile_id()
+    frame = getattr(compile_id, "frame_id", None)
+    return ("frame", frame) if frame is not None else ("graph", fallback)
+
+
+def _marking_run(compiled: Callable, report: Report) -> Callable:
+    """The compiled graph, marking its report as run on its first call."""
+
+    def run(*args, **kwargs):  # a pass-through: boxed (one list) or not, as the compiled graph was called
+        report.ran = True
+        return compiled(*args, **kwargs)
+
+    if hasattr(compiled, "_boxed_call"):
+        run._boxed_call = compiled._boxed_call
+    return run
 
 
 def _warn_if_no_kernel(ctx: Context) -> None:

@@ -29,7 +29,7 @@ class Site:
     reason: str = ""
     kernel: str | None = None
     scale: float | None = None
-    dropout: float = 0.0
+    dropout: float | None = 0.0  # None: a probability known only at run time
     cross: bool = False
     graph: int = 0
 
@@ -44,6 +44,8 @@ class Report:
     graphs: int = 0
     pattern_hits: dict[str, int] = field(default_factory=dict)
     pass_seconds: dict[str, float] = field(default_factory=dict)  # time in each pass, summed over graphs
+    frame: Any = None  # the Python frame the graph was compiled from (one report per graph)
+    ran: bool = False  # the compiled graph has been called
 
     def attention(self) -> list[Site]:
         return [s for s in self.sites if s.kind == "attention"]

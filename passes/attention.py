@@ -93,7 +93,7 @@ def _site_from_match(match: AttentionMatch) -> Site:
         kv_heads=match.kv_heads,
         head_dim=match.head_dim,
         scale=scale if isinstance(scale, float) else None,
-        dropout=match.dropout_p,
+        dropout=match.dropout_p if isinstance(match.dropout_p, float) else None,
         cross=cross,
     )
 
@@ -131,11 +131,12 @@ def _number_layers(ctx: Context) -> None:
 def classify_masks(ctx: Context) -> None:
     """Decide each site's mask structure; what depends on values is left to run time.
 
-    A mask built from sizes and constants alone, in a graph with static sizes, is a fact: one
-    evaluation on the example decides it. A mask that reads input values (an attention_mask, a
-    buffer) or symbolic sizes is classified from the example as a hypothesis: the site's op gets the
-    mask, reads the key padding off it and checks the structure on every call. A mask that reads
-    parameters (a learned bias) is kept dense, so its values and gradients flow at run time.
+    A mask built from sizes and constants alone cannot change with input values: its structure is
+    decided here (at the example's sizes, and for symbolic sizes at more lengths, see
+    `_classify_by_example`). A mask that reads input values (an attention_mask, a buffer) is
+    classified from the example as a hypothesis: the site's op gets the mask, reads the key padding
+    off it and checks the structure on every call. A mask that reads parameters (a learned bias) is
+    kept dense, so its values and gradients flow at run time.
     """
     for state in ctx.sites:
         match = state.match
@@ -176,11 +177,6 @@ def _mask_inputs(ctx: Context, match: AttentionMatch, target: fx.Node) -> tuple[
     return params, reads
 
 
-def _symbolic(ctx: Context) -> bool:
-    return any(isinstance(v, torch.SymInt) for v in ctx.example_inputs) or any(
-        isinstance(d, torch.SymInt) for v in ctx.example_inputs if isinstance(v, torch.Tensor) for d in v.shape)
-
-
 def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
     """The site's mask kind: a compile-time fact, or a hypothesis its op checks on every call."""
     target = _mask_target(match)
@@ -194,7 +190,7 @@ def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
     kind = _classify_by_example(ctx, match, target)
     if not kind.structural:
         return kind
-    if reads or _symbolic(ctx):
+    if reads:
         return MaskKind(kind.structure, kind.window, padding=True, checked=True)
     return kind
 
@@ -355,7 +351,8 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: di
                      if key in match.output.meta})
     match.output.replace_all_uses_with(new)
     if match.dropout_p and fn is not dispatch.softmax_site:
-        state.site.reason = f"attention dropout p={match.dropout_p} is not part of {state.variant.variant}"
+        p = match.dropout_p if isinstance(match.dropout_p, float) else "(a run-time value)"
+        state.site.reason = f"attention dropout p={p} is not part of {state.variant.variant}"
 
 
 def _site_values(match: AttentionMatch) -> tuple:

@@ -20,8 +20,8 @@ class MaskKind:
 
     structure  none | causal | sliding_window | other (other: kept dense, applied as it is)
     padding    keys may be padding: the op reads the key padding off the mask at run time
-    checked    the mask depends on input values (or on symbolic sizes): the structure was read off
-               the example and is a hypothesis, which the op checks on every call
+    checked    the mask depends on input values: the structure was read off the example and is a
+               hypothesis, which the op checks on every call
     """
 
     structure: str

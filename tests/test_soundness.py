@@ -419,3 +419,20 @@ def test_left_padded_batched_generate_matches_eager():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert out.tolist() == expected.tolist()
     assert be.report.graphs >= 2 and all(s.status == "rewritten" for s in be.report.attention()), be.report
+
+
+def test_report_lists_the_graphs_that_run():
+    """With dynamic=True dynamo first traces a float attribute as a tensor, compiles that graph, drops it
+    and recompiles; the report lists the graph that runs, once."""
+    from test_soundness_passes import NanoGptSdpa
+
+    model = NanoGptSdpa().eval()
+    be = attncc.backend({"attention": "softmax"}, inner="aot_eager")
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for length in (7, 13):
+            compiled(torch.randn(2, length, 32))
+    ran = [r for r in be.reports if r.ran]
+    assert be.report.graphs == len(ran) >= 1
+    assert len(be.report.attention()) == sum(len(r.attention()) for r in ran)
