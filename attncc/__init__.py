@@ -4,15 +4,17 @@
     print(attncc.explain(model, example_args, "policy.yaml"))
 """
 
-from attncc.compiler import AttnccError, Backend, VerificationError, backend, last_report
+from attncc.compiler import Backend, backend, last_report
+from attncc.errors import AttnccError, MaskMismatch, PolicyError, VerificationError
 from attncc.explain import explain
-from attncc.policy import Policy, PolicyError, dump_policy, load_policy
+from attncc.policy import Policy, dump_policy, load_policy
 from attncc.report import Report, Site
-from attncc.passes.residual import parameters, prepare
+from attncc.attnres import parameters, prepare
 
 __all__ = [
     "AttnccError",
     "Backend",
+    "MaskMismatch",
     "Policy",
     "PolicyError",
     "Report",

@@ -15,6 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import attncc
+from attncc.errors import AttnccError, PolicyError
+
 DEMO_POLICY = "demo.yaml"
 
 
@@ -44,12 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args.model, args.policy or shipped_policy(DEMO_POLICY), args.inner, args.json)
         return run_explain(args.target, args.policy, args.json)
     except Exception as err:  # the CLI prints the error, not a traceback
-        from attncc.policy import PolicyError
-
         inner = getattr(err, "inner_exception", None)  # dynamo wraps backend errors in BackendCompilerFailed
-        if isinstance(inner, PolicyError) or type(inner).__name__ == "AttnccError":
+        if isinstance(inner, (PolicyError, AttnccError)):
             err = inner
-        if isinstance(err, (PolicyError, FileNotFoundError, ValueError)) or type(err).__name__ == "AttnccError":
+        if isinstance(err, (PolicyError, AttnccError, FileNotFoundError, ValueError)):
             print(f"attncc: error: {err}", file=sys.stderr)
             return 2
         raise
@@ -83,8 +84,6 @@ def _unpack_build(target: str, built: Any) -> tuple[Any, Any, dict | None]:
 
 
 def run_explain(target: str, policy: str, as_json: bool) -> int:
-    import attncc
-
     policy_obj = attncc.load_policy(policy)
     model, example_args, kwargs = _unpack_build(target, load_build(target)())
     report = attncc.explain(model, example_args, policy_obj, example_kwargs=kwargs)
@@ -117,8 +116,6 @@ def demo_model(name: str) -> tuple[Any, tuple, dict]:
 
 def run_demo(model_name: str, policy: str, inner: str, as_json: bool) -> int:
     import torch
-
-    import attncc
 
     policy_obj = attncc.load_policy(policy)
     model, args, kwargs = demo_model(model_name)

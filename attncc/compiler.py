@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from attncc.errors import VerificationError
 from attncc.codegen.dispatch import KERNEL_CHOICES, VARIANTS_WITHOUT_KERNELS
 from attncc.passes.context import Context, Options
 from attncc.passes.pipeline import run_pipeline
@@ -29,14 +30,6 @@ log = logging.getLogger("attncc")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 OPTION_KEYS = ("policy", "inner", "kernels", "verify", "debug")
 FUNCTION_PRESERVING = {"softmax"}  # variants whose rewrite computes what the original graph computes
-
-
-class AttnccError(RuntimeError):
-    """A problem attncc found in a model or its graph (as opposed to a bad policy)."""
-
-
-class VerificationError(AttnccError):
-    """verify=True found a rewritten graph whose output differs from the original graph's."""
 
 
 class Backend:

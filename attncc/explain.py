@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from attncc.compiler import AttnccError, Backend, keeping_last_report
-from attncc.policy import PolicyError, check_sites
+from attncc.compiler import Backend, keeping_last_report
+from attncc.errors import AttnccError, PolicyError
+from attncc.policy import check_sites
 from attncc.report import Report
 
 # torch >= 2.13: the trace's recompiles get their own count, so they never use up another compile's limit

@@ -25,24 +25,10 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
+from attncc.errors import PolicyError
+
 SUPPORTED_VERSIONS = (1,)
 INT_MAX = 2**31 - 1  # integer parameters reach kernels as int32
-
-
-class PolicyError(ValueError):
-    """An invalid policy: names the source, the field path, the problem and the valid choices."""
-
-    def __init__(self, problem: str, path: str = "", source: str = "<dict>"):
-        self.problem, self.path, self.source = problem, path, source
-        super().__init__(": ".join(part for part in (source, path, problem) if part))
-
-    def within(self, prefix: str) -> PolicyError:
-        """The same error, one level further out in the policy tree."""
-        separator = "." if prefix and self.path and not self.path.startswith("[") else ""
-        return PolicyError(self.problem, prefix + separator + self.path, self.source)
-
-    def with_source(self, source: str) -> PolicyError:
-        return PolicyError(self.problem, self.path, source)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from attncc.codegen import emit, reference_ops, runtime_mask
+from attncc.codegen import emit, ops, reference_ops, runtime_mask
 from attncc.codegen.reference.softmax import softmax_attention
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
@@ -72,8 +72,6 @@ def softmax_site(
         if mask is not None:
             return softmax_attention(q, k, v, scale=scale, mask=mask, dropout_p=dropout_p)
         return softmax_attention(q, k, v, scale=scale, causal=causal, dropout_p=dropout_p)
-    from attncc.codegen import ops
-
     q, scale = _scaled(q, scale)
     if checked:
         return ops.flash_checked(q, k, v, mask, scale=scale, kind=structure, window=window, site=site)
@@ -134,8 +132,6 @@ def sparse_site(q, k, v, mask, scale, *, structure: str, window_mask: int = 0, p
     q, scale = _scaled(q, scale)
     keys = _keys(mask, q, structure, window_mask, site)
     if pattern != "block" and use_kernels(kernels, q, k, v) and not flash_unsupported(q, k, v):
-        from attncc.codegen import ops
-
         emit.ran(site, emit.flash_spec(q, k, causal=True, pattern=pattern, window=window, sinks=sinks, block=block,
                                        window_blocks=window_blocks, padded=keys is not None).name)
         return ops.flash(q, k, v, keys, scale=scale, causal=True, pattern=pattern, window=window,

@@ -19,15 +19,14 @@ from typing import Callable
 import torch
 
 from attncc.codegen.reference.linear import linear_attention as _linear
+from attncc.codegen.reference.masks import and_masks, causal as causal_mask
 from attncc.codegen.reference.mala import mala_attention as _mala
 from attncc.codegen.reference.softplus import softplus_attention as _softplus
 from attncc.codegen.reference.sparse import sparse_attention as _sparse
+from attncc.policy import Sparse
 
 
 def _sparse_reference(q, k, v, key_padding, scale, pattern, window, sinks, block, window_blocks, mask_fn, causal):
-    from attncc.codegen.reference.masks import and_masks, causal as causal_mask
-    from attncc.policy import Sparse
-
     mask_mod = None
     if pattern == "block":
         mask_mod = Sparse(pattern="block", mask=mask_fn).load_mask()

@@ -18,11 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attncc.errors import MaskMismatch
+
 from .reference.softmax import NO_KEY
-
-
-class MaskMismatch(RuntimeError):
-    """The mask given at run time does not have the structure its site was compiled for."""
 
 
 def allowed(mask: Tensor) -> Tensor:

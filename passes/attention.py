@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import math
-import operator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from attncc.codegen import dispatch
+from attncc.codegen.reference.linear import constant_decay_rates, lightning_decay_rates
+from attncc.errors import PolicyError
+from attncc.policy import check_sites
 from attncc.patterns.attention import (
     AttentionMatch,
     NoMatch,
     TransposeOf,
+    is_activation_matmul,
     is_sdpa,
     is_softmax_last_dim,
     match_sdpa,
     match_softmax_chain,
 )
 from attncc.patterns.masks import CAUSAL, NONE, OTHER, MaskKind, allowed_from_bias, classify
+from attncc.fx import (ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, orphaned, owning_module,
+                       read_nodes, remove_dead, shape_of)
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .graph import (ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, ndim_of, owning_module,
-                    orphaned, propagate_meta, read_nodes, remove_dead, shape_of, static_int)
+from .site import mask_constants, mask_node, new_node, passes_mask, scale_node, site_values
+from .model import layer_count
+from .sqa import rewrite_sqa
 
 
 def find_attention(ctx: Context) -> None:
@@ -57,12 +62,10 @@ def find_attention(ctx: Context) -> None:
 
 def _looks_like_attention(softmax: fx.Node, depth: int = 8) -> bool:
     """A softmax whose input comes, through any ops, from a product of two activations: worth reporting."""
-    from attncc.patterns.attention import _is_activation_matmul
-
     frontier = [softmax.args[0]]
     for _ in range(depth):
         frontier = [n for n in frontier if isinstance(n, fx.Node)]
-        if any(_is_activation_matmul(n) for n in frontier):
+        if any(is_activation_matmul(n) for n in frontier):
             return True
         frontier = [i for n in frontier for i in n.all_input_nodes]
     return False
@@ -262,8 +265,6 @@ def choose_variants(ctx: Context) -> None:
     the whole model, which may span several graphs: explain() answers it (and raises); one graph
     only warns when its sites alone would fail the check.
     """
-    from attncc.policy import PolicyError, check_sites
-
     attention = [s for s in ctx.sites if s.site.kind == "attention"]
     layers = [s.site.layer for s in attention if s.site.layer is not None]
     if attention:
@@ -310,16 +311,6 @@ def rewrite_softmax(ctx: Context, state: SiteState) -> str | None:
     return None
 
 
-def mask_constants(kind: MaskKind) -> dict[str, Any]:
-    """What a site's op is told about its mask: the structure, and whether padding and a check come with it."""
-    return {"structure": kind.structure, "window": kind.window or 0, "padding": kind.padding, "checked": kind.checked}
-
-
-def passes_mask(kind: MaskKind) -> bool:
-    """Whether the site's op needs the mask tensor: anything but a plain none/causal compile-time fact."""
-    return kind.padding or kind.checked or kind.structure not in ("none", "causal")
-
-
 def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: dict[str, Any]) -> None:
     """Replace the matched site by `fn(q, k, v, mask | None[, scale], **mask constants, **consts, ...)`.
 
@@ -331,11 +322,11 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: di
     with graph.inserting_before(match.output):
         k = match.k
         if isinstance(k, TransposeOf):
-            k = _new(graph, torch.transpose, (k.node, -2, -1), like=k.node)
+            k = new_node(graph, torch.transpose, (k.node, -2, -1), like=k.node)
         q, v = match.q, match.v
         if match.view_lead is not None:
-            q, k, v = (_new(graph, torch.reshape, (x, (*match.view_lead, *value.shape[-2:])))
-                       for x, value in zip((q, k, v), _site_values(match)))
+            q, k, v = (new_node(graph, torch.reshape, (x, (*match.view_lead, *value.shape[-2:])))
+                       for x, value in zip((q, k, v), site_values(match)))
         args = (q, k, v, mask_node(graph, match) if passes_mask(state.mask) else None)
         if scale:
             args += (scale_node(graph, match),)
@@ -346,7 +337,7 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: di
             described["window_mask"] = described.pop("window")
         new = graph.call_function(fn, args, {**described, **consts, "kernels": ctx.options.kernels, "site": state.key})
         if match.view_lead is not None:
-            new = _new(graph, torch.reshape, (new, tuple(shape_of(match.output))))
+            new = new_node(graph, torch.reshape, (new, tuple(shape_of(match.output))))
     new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
                      if key in match.output.meta})
     match.output.replace_all_uses_with(new)
@@ -355,64 +346,7 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: di
         state.site.reason = f"attention dropout p={p} is not part of {state.variant.variant}"
 
 
-def _site_values(match: AttentionMatch) -> tuple:
-    """Example values of q, k, v as the site's op receives them (k un-transposed, in the scores' view)."""
-    q, v = meta_value(match.q), meta_value(match.v)
-    k = meta_value(match.k.node).transpose(-2, -1) if isinstance(match.k, TransposeOf) else meta_value(match.k)
-    if match.view_lead is not None:
-        q, k, v = (x.reshape(*match.view_lead, *x.shape[-2:]) for x in (q, k, v))
-    return q, k, v
-
-
 REWRITERS["softmax"] = rewrite_softmax
-
-
-def scale_node(graph: fx.Graph, match: AttentionMatch):
-    scale = match.scale
-    if scale is None:
-        return 1.0 / math.sqrt(match.head_dim) if match.head_dim else _dynamic_default_scale(graph, match)
-    if isinstance(scale, (int, float)):
-        return float(scale)
-    if isinstance(scale, fx.Node):
-        return scale
-    value, *terms = scale
-    out: Any = float(value)
-    for term in terms:
-        if isinstance(term, tuple):
-            out = _new(graph, operator.truediv, (out, term[1])) if isinstance(out, fx.Node) else _new(graph, torch.div, (out, term[1]))
-        else:
-            out = _new(graph, operator.mul, (term, out))
-    return out
-
-
-def _dynamic_default_scale(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
-    """SDPA's default 1/sqrt(D) for a symbolic head dim, computed in the graph."""
-    head_dim = graph.call_method("size", (match.q, -1))
-    return graph.call_function(operator.pow, (head_dim, -0.5))
-
-
-def mask_node(graph: fx.Graph, match: AttentionMatch) -> fx.Node:
-    """The site's mask as one tensor: SDPA's attn_mask, or the chain's mask ops applied to zeros."""
-    if match.pattern == "sdpa_attention":
-        return match.attn_mask
-    like = match.scores
-    if ndim_of(like) == 4:  # one head: a mask shared by the heads stays [B, 1, Tq, Tk]; per-head ops broadcast
-        like = _new(graph, operator.getitem, (like, (slice(None), slice(None, 1))), like=match.scores)
-    zeros = _new(graph, torch.zeros_like, (like,), like=match.scores)
-    env = {match.scores: zeros}
-    for new in (like, zeros):
-        propagate_meta(new)
-    for node in reversed(match.score_ops):
-        env[node] = graph.node_copy(node, lambda n: env.get(n, n))
-        propagate_meta(env[node])
-    return env[match.logits]
-
-
-def _new(graph: fx.Graph, target, args, like: fx.Node | None = None) -> fx.Node:
-    node = graph.call_function(target, args)
-    if like is not None and isinstance(like, fx.Node):
-        node.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
-    return node
 
 
 def evaluate_mask(ctx: Context, target: fx.Node, seed: dict, values: dict | None = None) -> torch.Tensor | None:
@@ -451,7 +385,7 @@ CAUSAL_KINDS = ("causal",)
 def _check_site(state: SiteState, structures: tuple[str, ...], variant: str) -> str | None:
     """Why a site cannot take a variant, or None."""
     match, kind = state.match, state.mask
-    q, k, _ = _site_values(match)
+    q, k, _ = site_values(match)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         return f"{variant} needs 4-D [B, H, T, D] q/k/v"
     if kind.structure not in structures:
@@ -485,11 +419,9 @@ def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
     if v.decay != "none":
         if not causal:
             return "linear attention with decay is causal-only; this site is bidirectional"
-        from attncc.codegen.reference.linear import constant_decay_rates, lightning_decay_rates
-
         heads = state.match.heads
         if v.decay == "lightning":
-            layers = _model_layer_count(ctx, state)
+            layers = layer_count(ctx, state.site.module, state.match.q)
             if layers is None:
                 return ("lightning decay depends on the model's number of layers, which attncc could not read from "
                         "the model (it reads the length of the module list holding this site's layer)")
@@ -499,34 +431,6 @@ def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
         rates = tuple(float(r) for r in rates)
     _insert_site(ctx, state, dispatch.linear_site, False,
                  dict(causal=causal, feature_map=v.feature_map, normalize=v.normalize, decay_rates=rates, eps=v.eps))
-    return None
-
-
-def _model_layer_count(ctx: Context, state: SiteState) -> int | None:
-    """The number of layers of the whole model (not of this graph, which a graph break may cut short):
-    the length of the module list that holds the site's layer, read from the model being compiled."""
-    from .residual import _model_from_dynamo
-
-    parts = (state.site.module or "").split(".")
-    index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
-    if index is None:
-        return None
-    container = ".".join(parts[:index])
-    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
-    for node in ancestors([state.match.q]):
-        param = values.get(node)
-        if node.op != "placeholder" or not isinstance(param, torch.nn.Parameter):
-            param = getattr(node.meta.get("grapharg"), "example", None) if node.op == "placeholder" else None
-        if not isinstance(param, torch.nn.Parameter):
-            continue
-        found = _model_from_dynamo(node, param)
-        if found is None:
-            continue
-        try:
-            layers = found[0].get_submodule(container)
-        except AttributeError:
-            return None
-        return len(layers) if isinstance(layers, (torch.nn.ModuleList, torch.nn.Sequential)) else None
     return None
 
 
@@ -568,10 +472,4 @@ def rewrite_mala(ctx: Context, state: SiteState) -> str | None:
 REWRITERS.update(linear=rewrite_linear, sparse=rewrite_sparse, softplus=rewrite_softplus, mala=rewrite_mala)
 
 
-def _rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
-    from .sqa import rewrite_sqa
-
-    return rewrite_sqa(ctx, state)
-
-
-REWRITERS["sqa"] = _rewrite_sqa
+REWRITERS["sqa"] = rewrite_sqa

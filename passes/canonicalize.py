@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import ancestors, dtype_of, meta_value, ndim_of, remove_dead
+from attncc.fx import ancestors, dtype_of, meta_value, ndim_of, propagate_meta, remove_dead
 
 
 @dataclass(frozen=True)
@@ -437,6 +437,10 @@ def canonicalize(gm: fx.GraphModule) -> dict[str, int]:
     """Rewrite every node into its canonical spelling in place. Returns hit counts per rule."""
     hits: dict[str, int] = {}
     graph = gm.graph
+    # values the model computed and never read (`kt = k.mT` beside an einsum) would count as extra readers
+    # of the tensors patterns follow; only nodes without an effect go (dynamo's vmap bookkeeping stays)
+    if removed := remove_dead(graph, list(graph.nodes)):
+        hits["unread"] = removed
     unread: list[fx.Node] = []  # inputs a rewrite no longer reads (baddbmm's input at beta == 0)
     for node in list(graph.nodes):
         rule = _rule_for(node)
@@ -495,8 +499,6 @@ def _replace_baddbmm(graph: fx.Graph, node: fx.Node, bias, a, b, beta, alpha) ->
 
 
 def _derived(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
-    from .graph import propagate_meta
-
     new = graph.call_function(target, args)
     new.meta["nn_module_stack"] = like.meta.get("nn_module_stack", {})
     propagate_meta(new)

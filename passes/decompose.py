@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph import meta_value, orphaned, propagate_meta, read_nodes, remove_dead
+from attncc.fx import meta_value, orphaned, propagate_meta, read_nodes, remove_dead
 
 
 def mha_forward(query, key, value, in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias,

@@ -23,7 +23,7 @@ parameter came from: a parameter placeholder's `grapharg.source` (e.g. `L['self'
 is walked from its root in the frame being compiled (`InstructionTranslator.current_tx()`), and the
 first nn.Module on the way that owns the parameter is the model. An ID_MATCH guard on that source
 makes another instance of the same class recompile (and get its own parameters) instead of reusing
-this graph. Models prepared with `attncc.prepare(model)` are also found without dynamo's help.
+this graph (passes/model.py). Models prepared with `attncc.prepare(model)` are also found without dynamo's help.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import operator
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -40,12 +39,14 @@ import torch.fx as fx
 from torch import nn
 
 from attncc.codegen.reference.attnres import attnres
+from attncc.errors import AttnccError
+from attncc.fx import (layer_of, meta_value, module_stack, orphaned, owning_module, read_nodes, remove_dead, shape_of,
+                       static_int)
 from attncc.patterns.residual import NoMatch, ResidualMatch, match_residual, norm_kind
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .graph import (layer_of, meta_value, module_stack, orphaned, owning_module, read_nodes, remove_dead, shape_of,
-                    static_int)
+from .model import find_model
 
 log = logging.getLogger("attncc")
 
@@ -68,43 +69,6 @@ class DepthQuery(nn.Module):
 
 class AttnResParameters(nn.ModuleDict):
     """`model.attncc_attnres`: a DepthQuery per aggregation, keyed "sublayer_<l>" and "output"."""
-
-
-def parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The AttnRes parameters attncc registered on `model` (empty before the first AttnRes compile)."""
-    model = getattr(model, "_orig_mod", model)
-    container = model._modules.get(ATTRIBUTE)
-    return list(container.parameters()) if container is not None else []
-
-
-_PREPARED: Any = torch.utils.weak.WeakIdKeyDictionary()  # parameter -> weakref to its model
-
-
-def prepare(model: nn.Module, policy: Any = None, example_args: Any = None,
-            example_kwargs: dict | None = None) -> nn.Module:
-    """Make `model` known to attncc's backend and, given example inputs, create its AttnRes parameters now.
-
-    Without example inputs the parameters appear on the first compiled call; with them, one eager
-    trace of the model (a forward pass) creates them here, so that an optimizer built afterwards and
-    `model.load_state_dict` see them. Returns `model`.
-    """
-    model = getattr(model, "_orig_mod", model)
-    for p in model.parameters():
-        _PREPARED[p] = weakref.ref(model)
-    if example_args is None:
-        return model
-    import attncc
-
-    be = attncc.Backend(policy, inner="eager")
-    if be.policy.residual.variant == "keep":
-        return model
-    if not isinstance(example_args, (tuple, list)):
-        example_args = (example_args,)
-    torch.compile(model, backend=be)(*example_args, **(example_kwargs or {}))
-    if not parameters(model):
-        name = type(model).__name__
-        raise attncc.AttnccError(f"attncc.prepare found no residual stream to rewrite in {name}:\n{be.report}")
-    return model
 
 
 def find_residual(ctx: Context) -> None:
@@ -264,7 +228,7 @@ def _refusal(stream: Stream, n_streams: int) -> str | None:
 
 def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, states: list[SiteState]) -> None:
     """Replace sublayer l's input by attnres(sources_l) and the stream's end by the output aggregation."""
-    model, source, like = _find_model(ctx, [p for m in stream.matches for p in m.params])
+    model, source, like = find_model(ctx, [p for m in stream.matches for p in m.params])
     dim = static_int(shape_of(stream.start)[-1])
     eps = next((m.norm_eps for m in stream.matches if m.norm_eps is not None), DEFAULT_EPS)
     keys = [f"sublayer_{l}" for l in range(1, len(stream.matches))] + ["output"]
@@ -364,7 +328,6 @@ def _attribute_source(base: Any, path: tuple[str, ...], name: str) -> Any:
 def _depth_queries(model: nn.Module, keys: Iterable[str], dim: int, eps: float,
                    like: torch.Tensor) -> dict[str, DepthQuery]:
     """The model's DepthQuery for each key: the existing one (a recompile), else a new zero-query one."""
-    from attncc import AttnccError
 
     container = model._modules.get(ATTRIBUTE)
     if container is None:
@@ -383,81 +346,6 @@ def _depth_queries(model: nn.Module, keys: Iterable[str], dim: int, eps: float,
                               f"hidden size {dim}")
         out[key] = module
     return out
-
-
-def _find_model(ctx: Context, params: list[fx.Node]) -> tuple[nn.Module, Any, torch.Tensor]:
-    """(the model owning the stream's parameters, the dynamo source it was reached by, one parameter)."""
-    from attncc import AttnccError
-
-    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
-    for node in params:
-        if not isinstance(values.get(node), nn.Parameter):
-            values[node] = getattr(node.meta.get("grapharg"), "example", None)
-    real = [(node, values[node]) for node in params if isinstance(values[node], nn.Parameter)]
-    for node, param in real:
-        found = _model_from_dynamo(node, param)
-        if found is not None:
-            return found[0], found[1], param
-    for node, param in real:
-        ref = _PREPARED.get(param)
-        model = ref() if ref is not None else None
-        if model is not None:
-            return model, None, param
-    raise AttnccError(
-        "attncc could not find the model that owns this graph's parameters, so it has nowhere to register "
-        "the AttnRes parameters. Call attncc.prepare(model) before compiling (with example inputs, "
-        "attncc.prepare(model, policy, example_args) also creates the parameters up front)."
-    )
-
-
-def _model_from_dynamo(node: fx.Node, param: nn.Parameter) -> tuple[nn.Module, Any] | None:
-    """Walk the placeholder's dynamo source from its root local/global to the first module owning `param`."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except Exception:
-        return None
-    if source is None or tx is None:
-        return None
-    tx = getattr(getattr(tx, "output", None), "root_tx", None) or tx
-    chain = []
-    while source is not None:
-        chain.append(source)
-        source = getattr(source, "base", None)
-    chain.reverse()
-    try:
-        value = _root_value(chain[0], tx)
-        for src in chain:
-            if src is not chain[0]:
-                value = _step(src, value)
-            if isinstance(value, nn.Module):
-                owns = any(p is param for p in value.parameters())
-                return (value, src) if owns else None
-    except Exception as error:
-        log.debug("attncc: could not evaluate the source of %s: %s", node.name, error)
-    return None
-
-
-def _root_value(source: Any, tx: Any) -> Any:
-    if hasattr(source, "local_name"):
-        return tx.f_locals[source.local_name]
-    if hasattr(source, "global_name"):
-        return tx.f_globals[source.global_name]
-    raise LookupError(f"unknown root source {type(source).__name__}")
-
-
-def _step(source: Any, value: Any) -> Any:
-    if hasattr(source, "member"):
-        return getattr(value, source.member)
-    if hasattr(source, "index"):
-        if not isinstance(source.index, (int, str)):
-            raise LookupError(f"index {source.index!r}")
-        return value[source.index]
-    if "NNModule" in type(source).__name__:
-        return value
-    raise LookupError(f"unknown source {type(source).__name__}")
 
 
 def _guard_identity(source: Any) -> None:

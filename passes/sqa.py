@@ -24,8 +24,11 @@ import sympy
 import torch
 import torch.fx as fx
 
+from attncc.codegen import dispatch
+from attncc.fx import ancestors, is_parameter_placeholder, propagate_meta, shape_of
+
 from .context import Context, SiteState
-from .graph import ancestors, propagate_meta, shape_of
+from .site import mask_constants, mask_node, passes_mask, scale_node
 
 _LINEAR = torch._C._nn.linear
 _HEADWISE_METHODS = {"view", "reshape", "transpose", "contiguous", "to", "float", "type_as", "unsqueeze", "flatten"}
@@ -67,8 +70,6 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
                                 _grouped_projection(graph, projection, heads, hq, head_dim, variant.init), q_heads, hq,
                                 head_dim)
             k, v = _regroup_kv(graph, match.k, kv_heads, hkv), _regroup_kv(graph, match.v, kv_heads, hkv)
-            from .attention import mask_constants, mask_node, passes_mask, scale_node
-
             scale = scale_node(graph, match)
             mask = None
             if passes_mask(state.mask):
@@ -76,8 +77,6 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
                 mask_shape = shape_of(mask)
                 if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] != 1:
                     return f"sqa cannot regroup a per-head mask ({mask_shape})"
-            from attncc.codegen import dispatch
-
             attn = graph.call_function(
                 dispatch.softmax_site, (new_q, k, v, mask, scale),
                 {**mask_constants(state.mask), "dropout_p": match.dropout_p, "kernels": ctx.options.kernels,
@@ -516,7 +515,6 @@ def _headwise(node: fx.Node) -> bool:
 
 
 def _is_param(node: Any) -> bool:
-    from .graph import is_parameter_placeholder
 
     return is_parameter_placeholder(node)
 

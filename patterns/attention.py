@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attncc.passes.graph import is_parameter_placeholder, meta_value, ndim_of, shape_of, static_int
+from attncc.fx import is_parameter_placeholder, meta_value, ndim_of, shape_of, static_int
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
 
@@ -126,7 +126,7 @@ def _is_scalar(x: Any) -> bool:
     return shape is not None and len(shape) == 0
 
 
-def _is_activation_matmul(node: Any) -> bool:
+def is_activation_matmul(node: Any) -> bool:
     """matmul of two activations: neither operand is a parameter (that would be a projection)."""
     if not _is_call(node, torch.matmul):
         return False
@@ -216,7 +216,7 @@ def match_softmax_chain(softmax: fx.Node) -> AttentionMatch:
         k, k_scale, k_direct = None, [], b
     scale_terms = scale_terms + q_scale + k_scale
     v = probs_out.args[1]
-    if not _is_activation_matmul(probs_out):
+    if not is_activation_matmul(probs_out):
         raise NoMatch("the probabilities are not multiplied with a value tensor")
     if k is None:
         k = TransposeOf(k_direct)
@@ -269,7 +269,7 @@ def _walk_to_scores(logits: fx.Node):
     chain: list[fx.Node] = []
     has_mask_ops = False
     for _ in range(32):
-        if _is_activation_matmul(node):
+        if is_activation_matmul(node):
             return node, scale_terms, has_mask_ops, chain
         if not isinstance(node, fx.Node):
             raise NoMatch("the softmax input is not computed from a q·kᵀ product")
@@ -328,7 +328,7 @@ def _reaches_scores(node: Any, depth: int = 16) -> bool:
     for _ in range(depth):
         if not isinstance(node, fx.Node):
             return False
-        if _is_activation_matmul(node):
+        if is_activation_matmul(node):
             return True
         if _is_cast(node) or _is_lead_view(node) or _is_call(node, torch.masked_fill):
             node = node.args[0]

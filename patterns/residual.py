@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attncc.passes.graph import is_parameter_placeholder, meta_value, module_stack, owning_module, static_int
+from attncc.fx import is_parameter_placeholder, meta_value, module_stack, owning_module, static_int
 
 
 def prenorm_residual(h, sublayer, norm):

@@ -331,9 +331,9 @@ def test_each_model_instance_gets_its_own_parameters():
 
 
 def test_model_not_found_says_how_to_fix_it(monkeypatch):
-    import attncc.passes.residual as residual
+    import attncc.passes.model as model_facts
 
-    monkeypatch.setattr(residual, "_model_from_dynamo", lambda node, param: None)
+    monkeypatch.setattr(model_facts, "model_from_dynamo", lambda node, param: None)
     model = TinyPreNorm(nn.LayerNorm, layers=1)
     ids = torch.randint(0, 64, (2, 5))
     with pytest.raises(Exception, match=r"attncc\.prepare\(model\)"):

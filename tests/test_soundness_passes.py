@@ -200,7 +200,7 @@ def test_decompose_keeps_effectful_nodes_it_did_not_touch():
 
 
 def test_remove_dead_erases_only_dead_pure_candidates():
-    from attncc.passes.graph import orphaned, read_nodes, remove_dead
+    from attncc.fx import orphaned, read_nodes, remove_dead
 
     def program(x):
         y = x * 2

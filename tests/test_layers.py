@@ -1,0 +1,32 @@
+"""The import contract (pyproject.toml, [tool.importlinter]): layers import downward only, no cycles.
+
+import-linter finds a package's modules under its folder; attncc maps attncc.passes, attncc.patterns and
+attncc.codegen to top-level folders (pyproject's package-dir), so the test lays the package out as it is
+installed, then lints that copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_imports_point_downward(tmp_path):
+    pytest.importorskip("importlinter")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    package = tmp_path / "attncc"
+    shutil.copytree(ROOT / "attncc", package, ignore=ignore)
+    for folder in ("passes", "patterns", "codegen"):
+        shutil.copytree(ROOT / folder, package / folder, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    lint = Path(sys.executable).with_name("lint-imports")
+    result = subprocess.run([str(lint)], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 2 kept, 0 broken" in result.stdout, result.stdout
