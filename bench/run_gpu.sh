@@ -25,6 +25,9 @@ fi
 if [ "$what" = flash ] || [ "$what" = all ]; then
     python "$REPO/bench/bench_flash.py" --sizes 2048 8192 32768 2>&1 | tee "$OUT/bench_flash.log" | tail -14
 fi
+if [ "$what" = model_mask ]; then
+    python "$REPO/bench/bench_model.py" --sizes 8192 32768 --mask 2>&1 | tee "$OUT/bench_model_mask.log" | tail -12
+fi
 if [ "$what" = model ] || [ "$what" = all ]; then
     python "$REPO/bench/bench_model.py" --sizes 8192 32768 2>&1 | tee "$OUT/bench_model.log" | tail -12
 fi

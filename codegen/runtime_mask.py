@@ -15,6 +15,8 @@ softmax site falls back to the dense mask instead, see ops.flash_attention_check
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -38,6 +40,19 @@ def structure(structure: str, window: int, tq: int, tk: int, device: torch.devic
     j = torch.arange(tk, device=device)[None, :]
     out = j <= i
     return out & (i - j < window) if structure == "sliding_window" else out
+
+
+_CHECKED: Any = torch.utils.weak.WeakIdKeyDictionary()  # mask tensor -> {(version, kind, window): result}
+
+
+def checked(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
+    """`check`, once per mask tensor and version: a model passes one mask to every layer's site."""
+    key = (mask._version, kind, window)
+    seen = _CHECKED.get(mask)
+    if seen is None or key not in seen:
+        seen = {key: check(mask, kind, window)}  # a new version drops the old results
+        _CHECKED[mask] = seen
+    return seen[key]
 
 
 def check(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
@@ -77,14 +92,14 @@ def batch_keys(keys: Tensor, batch: int) -> Tensor:
 @torch.library.custom_op("attncc::mask_keys", mutates_args=())
 def mask_keys(mask: Tensor, kind: str, window: int, site: str) -> Tensor:
     """The key padding [B', Tk] of a mask of structure `kind`; raises MaskMismatch when it is not one."""
-    keys, problem = check(mask, kind, window)
+    keys, problem = checked(mask, kind, window)
     if problem:
         raise MaskMismatch(
             f"attncc: site {site}: {problem}, but the site was compiled for {describe(kind, window)} masks "
             "(classified from the first call's mask) and its variant can serve no other. Compile with "
             "`softmax` or `keep` for this site, or call it with masks of that structure."
         )
-    return keys.contiguous()
+    return keys.clone()  # a fresh tensor: the checked result is cached per mask
 
 
 @mask_keys.register_fake

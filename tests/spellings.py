@@ -234,6 +234,19 @@ class TwoLayers(nn.Module):
         return x
 
 
+class GraphBreak(nn.Module):
+    """Two attention layers with a graph break between them: dynamo makes two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([AtMTMulCausalFill(), MatmulDiv()])
+
+    def forward(self, x):
+        x = x + self.layers[0](x)
+        torch._dynamo.graph_break()
+        return x + self.layers[1](x)
+
+
 ATTENTION_MODULES = [
     MatmulDiv, AtMTMulCausalFill, EinsumWhereFinfo, ScaleOnQ, ScaleOnBoth, BmmFlattened, BmmViewedScores, PrePermutedKey,
     RepeatKvGqa, RepeatInterleaveMqa, SdpaEnableGqa, SdpaBoolMaskScale, SdpaAdditiveMask, TrilTriuMask,

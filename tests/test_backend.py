@@ -6,12 +6,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn as nn
 
 import attncc
 import attncc.compiler
 from attncc.passes.pipeline import PASSES
-from spellings import B, C, T, AtMTMulCausalFill, MatmulDiv, SdpaEnableGqa, TwoLayers
+from spellings import B, C, T, GraphBreak, MatmulDiv, SdpaEnableGqa, TwoLayers
 
 SOFTMAX = {"attention": "softmax"}
 MIXED = {"name": "mixed", "attention": {"default": "softmax", "rules": [{"where": {"layers": "0"}, "use": "keep"}]}}
@@ -297,19 +296,6 @@ def test_reference_kernels_on_cpu():
 
 
 # --- reports over several graphs -------------------------------------------------------------------------
-
-
-class GraphBreak(nn.Module):
-    """Two attention layers with a graph break between them: dynamo makes two graphs."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([AtMTMulCausalFill(), MatmulDiv()])
-
-    def forward(self, x):
-        x = x + self.layers[0](x)
-        torch._dynamo.graph_break()
-        return x + self.layers[1](x)
 
 
 def test_report_merges_graphs():

@@ -15,7 +15,7 @@ from attncc.cli import main
 from attncc.explain import _ISOLATED
 from attncc.policy import PolicyError, Sparse, load_policy
 from models import zoo
-from spellings import B, C, T, AtMTMulCausalFill, MatmulDiv, TwoLayers
+from spellings import B, C, T, GraphBreak, TwoLayers
 
 ATTNRES = {"attention": "keep", "residual": {"variant": "attnres", "block_size": 2}}
 
@@ -133,19 +133,6 @@ def test_explain_can_run_more_often_than_the_recompile_limit():
     for _ in range(limit + 2):
         report = attncc.explain(_two_layers(), (_x(),), {"attention": "softmax"})
         assert report.count("rewritten") == 2
-
-
-class GraphBreak(nn.Module):
-    """Dynamo compiles this model's own forward (not only explain's entry frame): two graphs."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList([AtMTMulCausalFill(), MatmulDiv()])
-
-    def forward(self, x):
-        x = x + self.layers[0](x)
-        torch._dynamo.graph_break()
-        return x + self.layers[1](x)
 
 
 @pytest.mark.parametrize("compiled_first", [
