@@ -100,8 +100,8 @@ def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     Returns (o, lse, key padding [B, Tk], whether the kernel ran)."""
     from attncc.codegen.triton.flash import flash_attention_fwd
 
-    keys, problem = runtime_mask.checked(mask, kind, window)
-    keys = runtime_mask.batch_keys(keys, q.shape[0]).clone()  # fresh, contiguous: the check is cached per mask
+    keys, problem = runtime_mask.check(mask, kind, window)
+    keys = runtime_mask.batch_keys(keys, q.shape[0]).contiguous()
     if problem:
         emit.ran(site, f"reference ({problem} on this call)")
         o = softmax_attention(q, k, v, scale=scale, mask=mask).contiguous()
