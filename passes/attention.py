@@ -23,7 +23,7 @@ from attncc.patterns.attention import (
     match_softmax_chain,
 )
 from attncc.patterns.masks import CAUSAL, NONE, OTHER, MaskKind, allowed_from_bias, classify
-from attncc.fx import (ancestors, evaluate, is_parameter_placeholder, layer_of, meta_value, orphaned, owning_module,
+from attncc.fx import (ancestors, evaluate, layer_of, meta_value, orphaned, owning_module,
                        read_nodes, remove_dead, shape_of)
 from attncc.report import Site
 
@@ -163,7 +163,8 @@ def _mask_target(match: AttentionMatch) -> fx.Node | None:
 
 
 def _mask_inputs(ctx: Context, match: AttentionMatch, target: fx.Node) -> tuple[bool, bool]:
-    """(reads parameters, reads other input values) of the mask sub-graph, the scores excluded."""
+    """(reads values that want gradients, reads other input values) of the mask sub-graph, the scores
+    excluded. A mask that wants gradients is kept dense: the site's ops give no gradient to a mask."""
     stop = {match.scores} if match.scores is not None else set()
     values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
     params = reads = False
@@ -173,7 +174,7 @@ def _mask_inputs(ctx: Context, match: AttentionMatch, target: fx.Node) -> tuple[
         value = values.get(node, meta_value(node))
         if not isinstance(value, torch.Tensor):
             continue
-        if is_parameter_placeholder(node) and value.requires_grad or isinstance(value, torch.nn.Parameter):
+        if value.requires_grad:  # a parameter (a learned bias), or an input the caller differentiates
             params = True
         else:
             reads = True

@@ -435,3 +435,23 @@ def test_report_lists_the_graphs_that_run():
             compiled(x, x, x)
     assert len(be.reports) == 2 and [r.ran for r in be.reports] == [False, True]
     assert be.report.graphs == 1 and len(be.report.attention()) == 1
+
+
+@pytest.mark.parametrize("kernels", ["reference", pytest.param("triton", marks=interpreted)])
+def test_a_mask_the_caller_differentiates_gets_its_gradient(kernels):
+    """A float mask that requires grad (a bias the caller learns outside the model) is kept dense: the
+    site's kernels and checks give no gradient to a mask."""
+    model = MaskedBias()
+    q = torch.randn(B, HEADS, T, 16)
+    bias = torch.zeros(1, 1, T, T, requires_grad=True)
+    compiled, be = _compile(model, "softmax", kernels)
+    compiled(q, bias).square().sum().backward()
+    got, bias.grad = bias.grad, None
+    model(q, bias).square().sum().backward()
+    assert be.report.attention()[0].mask == "other"
+    torch.testing.assert_close(got, bias.grad, rtol=1e-4, atol=1e-6)
+
+
+class MaskedBias(nn.Module):
+    def forward(self, q, bias):
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=bias)
