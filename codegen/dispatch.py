@@ -92,10 +92,8 @@ def _reference_reason(kernels: str, q, k, v, dropout_p: float = 0.0, structure: 
 
 def _static_keys(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """[B, Tk] key padding of a mask whose structure is a compile-time fact (no check needed)."""
-    m = runtime_mask.allowed(mask)
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    return runtime_mask.batch_keys(m.any(dim=-2).any(dim=1), q.shape[0])
+    _, per_head = runtime_mask.keys_per_head(mask)
+    return runtime_mask.batch_keys(per_head.any(dim=1), q.shape[0])
 
 
 def _keys(mask: torch.Tensor | None, q: torch.Tensor, structure: str, window: int, site: str) -> torch.Tensor | None:

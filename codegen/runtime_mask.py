@@ -1,8 +1,7 @@
 """Masks read at run time: a site's key padding, and the check of the structure it was compiled for.
 
 Dynamo guards shapes, not values. A site whose mask depends on input values (an `attention_mask`, a
-buffer) or on symbolic sizes was classified from one example: its structure (none, causal, sliding
-window) is a hypothesis. Every call reads the mask again here:
+buffer) was classified from one example: its structure (none, causal, sliding window) is a hypothesis. Every call reads the mask again here:
 
     keys[b, j]  = some query of batch b may attend key j              (key padding, True = real key)
     holds       = allowed == structure(Tq, Tk) & keys[b, None, j]     (and an additive mask adds 0
@@ -28,16 +27,25 @@ def allowed(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else mask > NO_KEY
 
 
-def structure(structure: str, window: int, tq: int, tk: int, device: torch.device) -> Tensor | None:
+def keys_per_head(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(may-attend [B', H', Tq', Tk], keys [B', H', Tk]: the keys some query attends) of a mask that
+    broadcasts to [B, H, Tq, Tk] (fewer leading dims are unsqueezed)."""
+    ok = allowed(mask)
+    while ok.dim() < 4:
+        ok = ok.unsqueeze(0)
+    return ok, ok.any(dim=-2)
+
+
+def structure(kind: str, window: int, tq: int, tk: int, device: torch.device) -> Tensor | None:
     """[Tq, Tk] may-attend of a structure (top-left aligned), or None when it cannot apply to these sizes."""
-    if structure == "none":
+    if kind == "none":
         return torch.ones(tq, tk, dtype=torch.bool, device=device)
-    if tq != tk or structure not in ("causal", "sliding_window"):
+    if tq != tk or kind not in ("causal", "sliding_window"):
         return None
     i = torch.arange(tq, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     out = j <= i
-    return out & (i - j < window) if structure == "sliding_window" else out
+    return out & (i - j < window) if kind == "sliding_window" else out
 
 
 def check(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
@@ -46,18 +54,14 @@ def check(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
     The mask broadcasts to [B', H', Tq', Tk] (fewer leading dims are unsqueezed); Tq' = 1 is a mask
     shared by every query, which can only be key padding.
     """
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    ok = allowed(m)
-    keys_per_head = ok.any(dim=-2)  # [B', H', Tk]
-    keys = keys_per_head[:, 0]
-    if mask.dtype != torch.bool and not bool((torch.where(ok, m, 0) == 0).all()):
+    ok, per_head = keys_per_head(mask)
+    keys = per_head[:, 0]
+    if mask.dtype != torch.bool and not bool((torch.where(ok, mask, 0) == 0).all()):
         return keys, "an additive mask adds values other than 0 where it allows a key"
-    if not bool((keys_per_head == keys[:, None]).all()):
+    if not bool((per_head == keys[:, None]).all()):
         return keys, "the mask differs between heads"
     tq, tk = ok.shape[-2:]
-    shape = structure(kind, window, tq, tk, m.device)
+    shape = structure(kind, window, tq, tk, mask.device)
     if shape is None:
         return keys, f"a {tq}x{tk} mask cannot be {kind}"
     if not bool((ok == (shape & keys[:, None, None, :])).all()):

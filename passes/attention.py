@@ -166,7 +166,7 @@ def _mask_inputs(ctx: Context, match: AttentionMatch, target: fx.Node) -> tuple[
     """(reads values that want gradients, reads other input values) of the mask sub-graph, the scores
     excluded. A mask that wants gradients is kept dense: the site's ops give no gradient to a mask."""
     stop = {match.scores} if match.scores is not None else set()
-    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
+    values = ctx.input_values()
     params = reads = False
     for node in ancestors([target], stop=stop) - stop:
         if node.op != "placeholder":
@@ -405,11 +405,6 @@ def _same_size(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _insert_site(ctx: Context, state: SiteState, fn, with_scale: bool, consts: dict[str, Any]) -> None:
-    """A variant's op, given the site's key padding (when its mask has padding) and, if asked, its scale."""
-    _replace_site(ctx, state, fn, scale=with_scale, consts=consts)
-
-
 def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
     v = state.variant
     causal = state.mask.causal
@@ -430,8 +425,9 @@ def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
         else:
             rates = constant_decay_rates(heads, float(v.decay))
         rates = tuple(float(r) for r in rates)
-    _insert_site(ctx, state, dispatch.linear_site, False,
-                 dict(causal=causal, feature_map=v.feature_map, normalize=v.normalize, decay_rates=rates, eps=v.eps))
+    _replace_site(ctx, state, dispatch.linear_site, scale=False,
+                  consts=dict(causal=causal, feature_map=v.feature_map, normalize=v.normalize, decay_rates=rates,
+                              eps=v.eps))
     return None
 
 
@@ -446,9 +442,9 @@ def rewrite_sparse(ctx: Context, state: SiteState) -> str | None:
         refusal = _check_site(state, CAUSAL_KINDS, f"sparse {v.pattern} attention (a causal pattern)")
         if refusal:
             return refusal
-    _insert_site(ctx, state, dispatch.sparse_site, True,
-                 dict(pattern=v.pattern, window=v.window, sinks=v.sinks, block=v.block,
-                      window_blocks=v.window_blocks, mask_fn=v.mask, causal=state.mask.causal))
+    _replace_site(ctx, state, dispatch.sparse_site, scale=True,
+                  consts=dict(pattern=v.pattern, window=v.window, sinks=v.sinks, block=v.block,
+                              window_blocks=v.window_blocks, mask_fn=v.mask, causal=state.mask.causal))
     return None
 
 
@@ -456,8 +452,8 @@ def rewrite_softplus(ctx: Context, state: SiteState) -> str | None:
     refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "softplus attention")
     if refusal:
         return refusal
-    _insert_site(ctx, state, dispatch.softplus_site, False,
-                 dict(causal=state.mask.causal, reweight_p=float(state.variant.reweight_p)))
+    _replace_site(ctx, state, dispatch.softplus_site, scale=False,
+                  consts=dict(causal=state.mask.causal, reweight_p=float(state.variant.reweight_p)))
     return None
 
 
@@ -465,8 +461,8 @@ def rewrite_mala(ctx: Context, state: SiteState) -> str | None:
     refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "MALA")
     if refusal:
         return refusal
-    _insert_site(ctx, state, dispatch.mala_site, False,
-                 dict(causal=state.mask.causal, sim_scale=state.variant.sim_scale))
+    _replace_site(ctx, state, dispatch.mala_site, scale=False,
+                  consts=dict(causal=state.mask.causal, sim_scale=state.variant.sim_scale))
     return None
 
 

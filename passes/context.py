@@ -57,6 +57,10 @@ class Context:
         hits = self.report.pattern_hits
         hits[pattern] = hits.get(pattern, 0) + 1
 
+    def input_values(self) -> dict[fx.Node, Any]:
+        """Each placeholder's example input, as dynamo passed it (real or fake tensors, SymInts)."""
+        return dict(zip([n for n in self.gm.graph.nodes if n.op == "placeholder"], self.example_inputs))
+
     def placeholder_values(self) -> dict[fx.Node, Any]:
         nodes = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         values = {}

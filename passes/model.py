@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
@@ -33,11 +33,29 @@ def remember(model: nn.Module) -> None:
 
 def find_model(ctx: Context, params: list[fx.Node]) -> tuple[nn.Module, Any, torch.Tensor]:
     """(the model owning the stream's parameters, the dynamo source it was reached by, one parameter)."""
-    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
-    for node in params:
-        if not isinstance(values.get(node), nn.Parameter):
-            values[node] = getattr(node.meta.get("grapharg"), "example", None)
-    real = [(node, values[node]) for node in params if isinstance(values[node], nn.Parameter)]
+    found = owner(ctx, params)
+    if found is None:
+        raise AttnccError(
+            "attncc could not find the model that owns this graph's parameters, so it has nowhere to register "
+            "the AttnRes parameters. Call attncc.prepare(model) before compiling (with example inputs, "
+            "attncc.prepare(model, policy, example_args) also creates the parameters up front)."
+        )
+    return found
+
+
+def owner(ctx: Context, nodes: Iterable[fx.Node]) -> tuple[nn.Module, Any, torch.Tensor] | None:
+    """(model, dynamo source or None, parameter) for the first parameter placeholder among `nodes` whose
+    model is found: from dynamo's frame, else from the models `attncc.prepare` registered."""
+    values = ctx.input_values()
+    real = []
+    for node in nodes:
+        if node.op != "placeholder":
+            continue
+        param = values.get(node)
+        if not isinstance(param, nn.Parameter):
+            param = getattr(node.meta.get("grapharg"), "example", None)
+        if isinstance(param, nn.Parameter):
+            real.append((node, param))
     for node, param in real:
         found = model_from_dynamo(node, param)
         if found is not None:
@@ -47,11 +65,7 @@ def find_model(ctx: Context, params: list[fx.Node]) -> tuple[nn.Module, Any, tor
         model = ref() if ref is not None else None
         if model is not None:
             return model, None, param
-    raise AttnccError(
-        "attncc could not find the model that owns this graph's parameters, so it has nowhere to register "
-        "the AttnRes parameters. Call attncc.prepare(model) before compiling (with example inputs, "
-        "attncc.prepare(model, policy, example_args) also creates the parameters up front)."
-    )
+    return None
 
 
 def model_from_dynamo(node: fx.Node, param: nn.Parameter) -> tuple[nn.Module, Any] | None:
@@ -112,21 +126,11 @@ def layer_count(ctx: Context, module: str, near: fx.Node) -> int | None:
     index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
     if index is None:
         return None
-    values = dict(zip([n for n in ctx.gm.graph.nodes if n.op == "placeholder"], ctx.example_inputs))
-    for node in ancestors([near]):
-        if node.op != "placeholder":
-            continue
-        param = values.get(node)
-        if not isinstance(param, nn.Parameter):
-            param = getattr(node.meta.get("grapharg"), "example", None)
-        if not isinstance(param, nn.Parameter):
-            continue
-        found = model_from_dynamo(node, param)
-        if found is None:
-            continue
-        try:
-            layers = found[0].get_submodule(".".join(parts[:index]))
-        except AttributeError:
-            return None
-        return len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
-    return None
+    found = owner(ctx, ancestors([near]))
+    if found is None:
+        return None
+    try:
+        layers = found[0].get_submodule(".".join(parts[:index]))
+    except AttributeError:
+        return None
+    return len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
