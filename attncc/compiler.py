@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from attncc.errors import VerificationError
-from attncc.codegen.dispatch import KERNEL_CHOICES, VARIANTS_WITHOUT_KERNELS
+from attncc.codegen.variants import KERNEL_CHOICES, variant_for
 from attncc.passes.context import Context, Options
 from attncc.passes.pipeline import run_pipeline
 from attncc.policy import Policy, load_policy
@@ -189,8 +189,8 @@ def _warn_if_no_kernel(ctx: Context) -> None:
     """kernels='triton' asks for kernels: say which rewritten sites have none (they run the reference)."""
     if ctx.options.kernels != "triton":
         return
-    missing = sorted({s.variant for s in ctx.report.sites if s.status == "rewritten" and s.kind == "attention"
-                      and s.variant in VARIANTS_WITHOUT_KERNELS})
+    missing = sorted({s.variant.variant for s in ctx.sites if s.site.status == "rewritten" and s.kind == "attention"
+                      and variant_for(s.variant).kernel is None})
     if missing:
         warnings.warn(f"kernels='triton': {', '.join(missing)} sites have no Triton kernel yet; they run the "
                       "reference (explain's `kernel` column shows what each site ran)", stacklevel=3)

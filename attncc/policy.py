@@ -7,283 +7,34 @@ order and the first match wins; sites no rule matches get ``attention.default``.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
-import importlib
-import inspect
 import json
-import math
 import os
 import re
-import types
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Union
 
 import yaml
 
+from attncc.codegen.variants import ATTENTION, RESIDUAL
+from attncc.config import Checked, VariantConfig, at, is_a, show, unknown
 from attncc.errors import PolicyError
 
 SUPPORTED_VERSIONS = (1,)
-INT_MAX = 2**31 - 1  # integer parameters reach kernels as int32
-
-
-@contextmanager
-def _at(prefix: str) -> Iterator[None]:
-    """Prefix the field path of any PolicyError raised inside."""
-    try:
-        yield
-    except PolicyError as error:
-        raise error.within(prefix) from None
-
-
-def _unknown(noun: str, name: object, valid: list[str], owner: str = "") -> str:
-    """The message: unknown <noun> 'x'<owner>; did you mean 'y'? Valid: a, b."""
-    message = f"unknown {noun} {name!r}{owner}"
-    close = difflib.get_close_matches(name, valid, n=3) if isinstance(name, str) else []
-    if close:
-        best = next((c for c in close if c.startswith(name) or name.startswith(c)), close[0])
-        message += f"; did you mean {best!r}?"
-    return message + (" " if close else "; ") + f"Valid: {', '.join(valid) or '(none)'}"
-
-
-def _show(value: object) -> str:
-    return f"{type(value).__name__} {value!r}"
-
-
-def _is(value: object, option: Any) -> bool:
-    """isinstance for the small type language of policy fields (bools are not numbers)."""
-    if get_origin(option) is Literal:
-        return any(type(value) is type(choice) and value == choice for choice in get_args(option))
-    if option is type(None):
-        return value is None
-    if option is bool:
-        return isinstance(value, bool)
-    if option is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if option is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, option)
-
-
-_TYPE_NAMES = {
-    type(None): "null", bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-}
-
-
-def _describe(option: Any) -> str:
-    if get_origin(option) is Literal:
-        return "one of " + ", ".join(repr(choice) for choice in get_args(option))
-    return _TYPE_NAMES.get(option, option.__name__)
-
-
-def _check_value(value: object, hint: Any) -> object:
-    """Return value if it has the declared type (ints widen to float), else raise PolicyError."""
-    options = get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)
-    for option in options:
-        if _is(value, option):
-            return float(value) if option is float else value
-    choices = [choice for option in options if get_origin(option) is Literal for choice in get_args(option)]
-    if isinstance(value, str) and choices:
-        valid = choices + (["a number"] if float in options else [])
-        raise PolicyError(_unknown("value", value, valid))
-    raise PolicyError(f"expected {' or '.join(map(_describe, options))}, got {_show(value)}")
-
-
-@cache
-def _hints(cls: type) -> dict[str, Any]:
-    return get_type_hints(cls)
-
-
-class _Checked:
-    """Mixin: type-check every field against its annotation, then the class's own `_check`."""
-
-    minimum: ClassVar[dict[str, float]] = {}
-
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for f in fields(self):  # type: ignore[arg-type]
-            with _at(f.name):
-                value = _check_value(getattr(self, f.name), hints[f.name])
-                object.__setattr__(self, f.name, value)
-                low = self.minimum.get(f.name)
-                if low is not None and value is not None and value < low:
-                    raise PolicyError(f"must be >= {low}, got {value!r}")
-                if _is(value, int) and value > INT_MAX:
-                    raise PolicyError(f"must be <= {INT_MAX} (2**31-1), got {value!r}")
-        self._check()
-
-    def _check(self) -> None:
-        """Cross-field and range checks beyond `minimum`."""
-
-
-class _Variant(_Checked):
-    variant: ClassVar[str]
-
-    def params(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Keep(_Variant):
-    """Leave the site as the model wrote it."""
-
-    variant: ClassVar[str] = "keep"
-
-
-@dataclass(frozen=True)
-class Softmax(_Variant):
-    """attncc's own softmax attention op (same math as the original)."""
-
-    variant: ClassVar[str] = "softmax"
-
-
-@dataclass(frozen=True)
-class Linear(_Variant):
-    """Kernelized linear attention (Katharopoulos; Based's taylor2; Lightning decay). VARIANTS.md §2-4."""
-
-    variant: ClassVar[str] = "linear"
-    minimum: ClassVar[dict[str, float]] = {"eps": 0}
-    feature_map: Literal["elu1", "relu", "identity", "taylor2"] = "elu1"
-    normalize: bool = True
-    decay: Literal["none", "lightning"] | float = "none"
-    eps: float = 1e-6
-
-    def _check(self) -> None:
-        if isinstance(self.decay, float) and not 0 < self.decay <= 1:
-            raise PolicyError(f"a fixed decay must be in (0, 1], got {self.decay!r}", "decay")
-
-
-_MASK_REF = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
-
-
-@dataclass(frozen=True)
-class Sparse(_Variant):
-    """Sparse softmax attention: sliding window + sinks, PowerAttention, or a block mask. VARIANTS.md §8."""
-
-    variant: ClassVar[str] = "sparse"
-    minimum: ClassVar[dict[str, float]] = {"window": 1, "sinks": 0, "block": 1, "window_blocks": 1}
-    pattern: Literal["sliding_window", "power", "block"] = "sliding_window"
-    window: int = 1024
-    sinks: int = 0
-    block: int = 128
-    window_blocks: int = 5
-    mask: str | None = None
-
-    def _check(self) -> None:
-        if self.pattern == "block" and self.mask is None:
-            raise PolicyError("pattern 'block' requires a mask ('module:function' naming a mask_mod)", "mask")
-        if self.pattern != "block" and self.mask is not None:
-            raise PolicyError(f"only pattern 'block' takes a mask, not pattern {self.pattern!r}", "mask")
-        if self.mask is not None and not _MASK_REF.fullmatch(self.mask):
-            raise PolicyError(f"expected 'module:function', got {self.mask!r}", "mask")
-
-    def load_mask(self) -> Callable[..., Any]:
-        """Import and return the mask_mod(b, h, q_idx, kv_idx) named by `mask`."""
-        if self.mask is None:
-            raise PolicyError(f"pattern {self.pattern!r} has no mask to load", "mask")
-        module_name, _, attribute = self.mask.partition(":")
-        try:
-            found: Any = importlib.import_module(module_name)
-            for part in attribute.split("."):
-                found = getattr(found, part)
-        except Exception as error:
-            problem = f"cannot load mask {self.mask!r}: {type(error).__name__}: {error}"
-            raise PolicyError(problem, "mask") from error
-        if not callable(found):
-            raise PolicyError(f"mask {self.mask!r} is not callable, got {_show(found)}", "mask")
-        _check_mask_signature(self.mask, found)
-        return found
-
-
-def _check_mask_signature(name: str, mask_mod: Callable[..., Any]) -> None:
-    """A mask is called as mask_mod(b, h, q_idx, kv_idx) with index tensors (codegen/reference/masks.py)."""
-    try:
-        signature = inspect.signature(mask_mod)
-    except (TypeError, ValueError):  # a builtin without a signature: it may still be right
-        return
-    try:
-        signature.bind(0, 0, 0, 0)
-    except TypeError:
-        problem = (f"mask {name!r} must have the signature mask_mod(b, h, q_idx, kv_idx) -> bool tensor "
-                   f"(four positional index tensors), but it is {getattr(mask_mod, '__name__', name)}{signature}")
-        raise PolicyError(problem, "mask") from None
-
-
-@dataclass(frozen=True)
-class Softplus(_Variant):
-    """LSSA / LSSAR softplus attention with re-weighting power p (0 = LSSA only). VARIANTS.md §5."""
-
-    variant: ClassVar[str] = "softplus"
-    minimum: ClassVar[dict[str, float]] = {"reweight_p": 0}
-    reweight_p: float = 15.0
-
-
-@dataclass(frozen=True)
-class Mala(_Variant):
-    """Magnitude-aware linear attention; sim_scale None = the official 1/(sqrt(D)*N). VARIANTS.md §6."""
-
-    variant: ClassVar[str] = "mala"
-    sim_scale: float | None = None
-
-    def _check(self) -> None:
-        if self.sim_scale is not None and self.sim_scale <= 0:
-            raise PolicyError(f"must be > 0, got {self.sim_scale!r}", "sim_scale")
-
-
-@dataclass(frozen=True)
-class SQA(_Variant):
-    """Sparse query attention: fewer query heads (None = half the site's heads). VARIANTS.md §7."""
-
-    variant: ClassVar[str] = "sqa"
-    minimum: ClassVar[dict[str, float]] = {"query_heads": 1, "kv_heads": 1}
-    query_heads: int | None = None
-    kv_heads: int | None = None
-    init: Literal["mean", "select"] = "mean"
-
-
-@dataclass(frozen=True)
-class ResidualKeep(_Variant):
-    """Leave the residual adds as they are."""
-
-    variant: ClassVar[str] = "keep"
-
-
-@dataclass(frozen=True)
-class AttnRes(_Variant):
-    """Attention residuals over depth; block_size sublayers per block (1 = Full AttnRes). VARIANTS.md §9."""
-
-    variant: ClassVar[str] = "attnres"
-    minimum: ClassVar[dict[str, float]] = {"block_size": 1}
-    block_size: int = 1
-
-
-AttentionVariant = Union[Keep, Softmax, Linear, Sparse, Softplus, Mala, SQA]
-ResidualVariant = Union[ResidualKeep, AttnRes]
-
-ATTENTION_VARIANTS: dict[str, type] = {
-    "keep": Keep,
-    "softmax": Softmax,
-    "linear": Linear,
-    "sparse": Sparse,
-    "softplus": Softplus,
-    "mala": Mala,
-    "sqa": SQA,
-}
-RESIDUAL_VARIANTS: dict[str, type] = {"keep": ResidualKeep, "attnres": AttnRes}
+ATTENTION_VARIANTS: dict[str, type] = {config.variant: config for config in ATTENTION}  # name -> config type
+RESIDUAL_VARIANTS: dict[str, type] = {config.variant: config for config in RESIDUAL}
 
 
 def _build(cls: type, data: object, noun: str = "key", owner: str = "", **extra: object) -> Any:
     """cls(**data) for a mapping from a file, rejecting unknown and missing keys."""
     if not isinstance(data, Mapping):
-        raise PolicyError(f"expected a mapping, got {_show(data)}")
+        raise PolicyError(f"expected a mapping, got {show(data)}")
     names = [f.name for f in fields(cls) if f.name not in extra]
     for key in data:
         if key not in names:
-            raise PolicyError(_unknown(noun, key, names, owner))
+            raise PolicyError(unknown(noun, key, names, owner))
     required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
     for name in required:
         if name not in data and name not in extra:
@@ -295,7 +46,7 @@ def _variant(value: object, registry: dict[str, type]) -> Any:
     """A variant from an instance, a bare name, or a mapping {variant: name, **params}."""
     if type(value) in registry.values():
         return value
-    if isinstance(value, _Variant):
+    if isinstance(value, VariantConfig):
         raise PolicyError(f"{type(value).__name__} is not allowed here; Valid: {', '.join(registry)}")
     if isinstance(value, Mapping):
         if "variant" not in value:
@@ -304,13 +55,13 @@ def _variant(value: object, registry: dict[str, type]) -> Any:
     elif isinstance(value, str):
         name, params = value, {}
     else:
-        raise PolicyError(f"expected a variant name or a mapping with 'variant', got {_show(value)}")
+        raise PolicyError(f"expected a variant name or a mapping with 'variant', got {show(value)}")
     if not isinstance(name, str) or name not in registry:
-        raise PolicyError(_unknown("variant", name, list(registry)))
+        raise PolicyError(unknown("variant", name, list(registry)))
     return _build(registry[name], params, "parameter", f" for variant {name!r}")
 
 
-def _variant_value(variant: _Variant) -> str | dict[str, Any]:
+def _variant_value(variant: VariantConfig) -> str | dict[str, Any]:
     """File form of a variant: its bare name when it has no parameters."""
     if not variant.params():
         return variant.variant
@@ -333,8 +84,8 @@ def _layer_range(item: object) -> LayerRange:
         end = None if match[2] and not match[3] else int(match[3] or match[1])
     else:
         start, end = item, item
-    if not _is(start, int) or not (end is None or _is(end, int)):
-        raise PolicyError(f"expected a layer index or a range like '0-5', got {_show(item)}")
+    if not is_a(start, int) or not (end is None or is_a(end, int)):
+        raise PolicyError(f"expected a layer index or a range like '0-5', got {show(item)}")
     if start < 0:
         raise PolicyError(f"layer {start} must be >= 0")
     if end is not None and end < start:
@@ -355,10 +106,10 @@ class Where:
 
     def __post_init__(self) -> None:
         if self.layers is not None:
-            with _at("layers"):
+            with at("layers"):
                 object.__setattr__(self, "layers", self._parse_layers(self.layers))
         if self.module is not None and (not isinstance(self.module, str) or not self.module):
-            raise PolicyError(f"expected a non-empty glob string, got {_show(self.module)}", "module")
+            raise PolicyError(f"expected a non-empty glob string, got {show(self.module)}", "module")
 
     @staticmethod
     def _parse_layers(layers: object) -> tuple[LayerRange, ...]:
@@ -368,7 +119,7 @@ class Where:
             raise PolicyError("empty list; give at least one layer or range")
         ranges = []
         for index, item in enumerate(layers):
-            with _at(f"[{index}]"):
+            with at(f"[{index}]"):
                 ranges.append(_layer_range(item))
         return tuple(ranges)
 
@@ -394,18 +145,18 @@ class Rule:
     """Use `use` at the sites `where` matches. Accepts the file forms of both fields."""
 
     where: Where
-    use: AttentionVariant
+    use: VariantConfig
 
     def __post_init__(self) -> None:
         if not isinstance(self.where, Where):
-            with _at("where"):
+            with at("where"):
                 object.__setattr__(self, "where", _build(Where, self.where))
-        with _at("use"):
+        with at("use"):
             object.__setattr__(self, "use", _variant(self.use, ATTENTION_VARIANTS))
 
 
 @dataclass(frozen=True)
-class Target(_Checked):
+class Target(Checked):
     """Optional facts about the deployment."""
 
     minimum: ClassVar[dict[str, float]] = {"max_seq_len": 1}
@@ -418,17 +169,17 @@ class Target(_Checked):
 class AttentionPolicy:
     """Rules tried in order (first match wins); `default` for sites none matches."""
 
-    default: AttentionVariant = Keep()
+    default: VariantConfig | str = "keep"
     rules: tuple[Rule, ...] = ()
 
     def __post_init__(self) -> None:
-        with _at("default"):
+        with at("default"):
             object.__setattr__(self, "default", _variant(self.default, ATTENTION_VARIANTS))
         if not isinstance(self.rules, (list, tuple)):
-            raise PolicyError(f"expected a list of rules, got {_show(self.rules)}", "rules")
+            raise PolicyError(f"expected a list of rules, got {show(self.rules)}", "rules")
         rules = []
         for index, rule in enumerate(self.rules):
-            with _at(f"rules[{index}]"):
+            with at(f"rules[{index}]"):
                 rules.append(rule if isinstance(rule, Rule) else _build(Rule, rule))
         object.__setattr__(self, "rules", tuple(rules))
 
@@ -446,19 +197,19 @@ def _attention(value: object) -> AttentionPolicy:
     return AttentionPolicy(default=_variant(value, ATTENTION_VARIANTS))
 
 
-def _residual(value: object) -> ResidualVariant:
+def _residual(value: object) -> VariantConfig:
     """`residual:` is {use: <variant>} or a bare variant."""
     if isinstance(value, Mapping) and "variant" not in value:
-        unknown = [key for key in value if key != "use"]
-        if unknown:
-            raise PolicyError(_unknown("key", unknown[0], ["use"]))
-        with _at("use"):
+        extra = [key for key in value if key != "use"]
+        if extra:
+            raise PolicyError(unknown("key", extra[0], ["use"]))
+        with at("use"):
             return _variant(value.get("use", "keep"), RESIDUAL_VARIANTS)
     return _variant(value, RESIDUAL_VARIANTS)
 
 
 def _check_version(version: object) -> None:
-    if not _is(version, int) or version not in SUPPORTED_VERSIONS:
+    if not is_a(version, int) or version not in SUPPORTED_VERSIONS:
         supported = ", ".join(map(str, SUPPORTED_VERSIONS))
         raise PolicyError(f"unsupported version {version!r}; supported: {supported}", "version")
 
@@ -471,21 +222,21 @@ class Policy:
     name: str = "unnamed"
     target: Target = Target()
     attention: AttentionPolicy = AttentionPolicy()
-    residual: ResidualVariant = ResidualKeep()
+    residual: VariantConfig | str = "keep"
     source: str = field(default="<dict>", compare=False)
 
     def __post_init__(self) -> None:
         try:
             _check_version(self.version)
             if not isinstance(self.name, str) or not self.name:
-                raise PolicyError(f"expected a non-empty string, got {_show(self.name)}", "name")
+                raise PolicyError(f"expected a non-empty string, got {show(self.name)}", "name")
             for name, parse in (("target", _target), ("attention", _attention), ("residual", _residual)):
-                with _at(name):
+                with at(name):
                     object.__setattr__(self, name, parse(getattr(self, name)))
         except PolicyError as error:
             raise error.with_source(self.source) from None
 
-    def choose(self, module: str, layer: int | None) -> tuple[AttentionVariant, int | None]:
+    def choose(self, module: str, layer: int | None) -> tuple[VariantConfig, int | None]:
         """The variant for a site and the index of the rule that chose it (None = the default)."""
         for index, rule in enumerate(self.attention.rules):
             if rule.where.matches(module, layer):
@@ -574,7 +325,7 @@ def load_policy(src: str | os.PathLike[str] | Mapping[str, Any] | Policy) -> Pol
     if isinstance(src, Mapping):
         return _from_mapping(src, "<dict>")
     if not isinstance(src, (str, os.PathLike)):
-        raise PolicyError(f"expected a path, a dict or a Policy, got {_show(src)}")
+        raise PolicyError(f"expected a path, a dict or a Policy, got {show(src)}")
     path = Path(src)
     reader = _READERS[_suffix(path)]
     if not path.is_file():
@@ -591,7 +342,7 @@ def load_policy(src: str | os.PathLike[str] | Mapping[str, Any] | Policy) -> Pol
 def _from_mapping(data: object, source: str) -> Policy:
     try:
         if not isinstance(data, Mapping):
-            raise PolicyError(f"expected a mapping at the top level, got {_show(data)}")
+            raise PolicyError(f"expected a mapping at the top level, got {show(data)}")
         _check_version(data.get("version", 1))
         return _build(Policy, data, source=source)
     except PolicyError as error:
@@ -657,7 +408,7 @@ def _toml_value(value: object) -> str:
         return "[" + ", ".join(map(_toml_value, value)) + "]"
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {_show(value)} as TOML")
+    raise TypeError(f"cannot write {show(value)} as TOML")
 
 
 def check_sites(policy: Policy, sites: list[tuple[str, int | None]], num_layers: int) -> None:

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 try:
-    from attncc.codegen.triton.flash import flash_attention_bwd, flash_attention_fwd, flash_config
+    from attncc.codegen.variants.softmax.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 except ImportError:  # the package is not installed: import the module from the checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from codegen.triton.flash import flash_attention_bwd, flash_attention_fwd, flash_config

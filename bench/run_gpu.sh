@@ -8,7 +8,7 @@ REPO=$(pwd)
 OUT=${OUT:-$REPO/out}; mkdir -p "$OUT"
 python -m pip install -q --no-deps --no-build-isolation --force-reinstall "$REPO" >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 cd /tmp
-python -c "import attncc, attncc.codegen.ops; print(\"attncc from\", attncc.__file__)" || { tail -20 "$OUT/install.log"; exit 1; }
+python -c "import attncc, attncc.codegen.variants.softmax.ops; print(\"attncc from\", attncc.__file__)" || { tail -20 "$OUT/install.log"; exit 1; }
 what=${1:-all}
 status=0
 if [ "$what" = soundness ]; then  # the GPU tests, then the soundness tables under this machine's torch

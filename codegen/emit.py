@@ -4,11 +4,15 @@ A template is a Triton kernel whose site constants are `tl.constexpr` parameters
 one binary per distinct set of constants and caches it. `KernelSpec` is that set, named so that it
 can appear in explain reports; `record` keeps every spec emitted in this process (the cache key is
 the spec) and, with ATTNCC_DUMP_KERNELS=<dir>, writes the template's source with the spec in front.
-Adding a variant's kernel means adding its template module and a `<variant>_spec` function here.
+A variant's kernel module (codegen/variants/<name>/) builds its own specs with `spec`.
+
+`ran` records what each site's op ran (a kernel's name, or "reference (why)") where the choice is
+made, and writes it into the site's report row.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import weakref
@@ -20,9 +24,14 @@ import torch
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype))
+
+
 @dataclass(frozen=True)
 class KernelSpec:
-    template: str  # the module in codegen/triton that holds the kernels
+    template: str  # the template's short name, first in the spec's name
+    module: str  # the module that holds the template's kernels (its source is what `dump` writes)
     constants: tuple[tuple[str, object], ...]
 
     @property
@@ -32,18 +41,6 @@ class KernelSpec:
 
 
 EMITTED: dict[KernelSpec, int] = {}
-
-
-def flash_spec(q: torch.Tensor, k: torch.Tensor, *, causal: bool, pattern: str, window: int = 0, sinks: int = 0,
-               block: int = 128, window_blocks: int = 0, padded: bool = False) -> KernelSpec:
-    constants: list[tuple[str, object]] = [("", pattern), ("causal", bool(causal))]
-    if pattern == "sliding_window":
-        constants += [("w", int(window)), ("s", int(sinks))]
-    elif pattern == "power":
-        constants += [("b", int(block)), ("wb", int(window_blocks))]
-    constants += [("d", int(q.shape[-1])), ("g", int(q.shape[-3] // k.shape[-3])), ("padded", bool(padded)),
-                  ("", _DTYPE_NAMES.get(q.dtype, str(q.dtype)))]
-    return KernelSpec("flash", tuple(constants))
 
 
 def record(spec: KernelSpec) -> KernelSpec:
@@ -57,9 +54,7 @@ def record(spec: KernelSpec) -> KernelSpec:
 
 
 def dump(spec: KernelSpec, directory: Path) -> Path:
-    from attncc.codegen import triton as templates
-
-    module = __import__(f"{templates.__name__}.{spec.template}", fromlist=["_"])
+    module = importlib.import_module(spec.module)
     header = "\n".join(f"# {k or 'variant'} = {v!r}" for k, v in spec.constants)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.name}.py"

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from attncc.errors import MaskMismatch
 
-from .reference.softmax import NO_KEY
+from .masks import NO_KEY
 
 
 def allowed(mask: Tensor) -> Tensor:

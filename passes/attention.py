@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from attncc.codegen import dispatch
-from attncc.codegen.reference.linear import constant_decay_rates, lightning_decay_rates
+from attncc.codegen.variants import SiteCall, variant_for
 from attncc.errors import PolicyError
+from attncc.facts import CAUSAL, NONE, OTHER, MaskKind, SiteFacts
 from attncc.policy import check_sites
 from attncc.patterns.attention import (
     AttentionMatch,
@@ -22,14 +22,14 @@ from attncc.patterns.attention import (
     match_sdpa,
     match_softmax_chain,
 )
-from attncc.patterns.masks import CAUSAL, NONE, OTHER, MaskKind, allowed_from_bias, classify
+from attncc.patterns.masks import allowed_from_bias, classify
 from attncc.fx import (ancestors, evaluate, layer_of, meta_value, orphaned, owning_module,
                        read_nodes, remove_dead, shape_of)
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .site import mask_constants, mask_node, new_node, passes_mask, scale_node, site_values
 from .model import layer_count
+from .site import mask_node, new_node, scale_node, site_values
 from .sqa import rewrite_sqa
 
 
@@ -120,14 +120,14 @@ def _projection_input(node: Any, depth: int = 24) -> fx.Node | None:
 
 def _number_layers(ctx: Context) -> None:
     """Sites whose module path has no index are numbered in graph order, after the indexed ones."""
-    states = [s for s in ctx.sites if s.site.kind == "attention"]
-    if all(s.site.layer is not None for s in states):
+    states = [s for s in ctx.sites if s.kind == "attention"]
+    if all(s.layer is not None for s in states):
         return
-    taken = {s.site.layer for s in states if s.site.layer is not None}
+    taken = {s.layer for s in states if s.layer is not None}
     nxt = max(taken, default=-1) + 1
     for state in states:
-        if state.site.layer is None:
-            state.site.layer = nxt
+        if state.layer is None:
+            state.layer = nxt
             nxt += 1
 
 
@@ -143,7 +143,7 @@ def classify_masks(ctx: Context) -> None:
     """
     for state in ctx.sites:
         match = state.match
-        if match is None or state.site.kind != "attention":
+        if match is None or state.kind != "attention":
             continue
         kind = _classify(ctx, match)
         if match.is_causal:
@@ -151,8 +151,8 @@ def classify_masks(ctx: Context) -> None:
         state.mask = kind
         state.site.mask = str(kind)
         state.site.causal = kind.causal
-        if state.site.cross and kind.causal:
-            state.site.cross = False
+        if state.cross and kind.causal:
+            state.cross = False
 
 
 def _mask_target(match: AttentionMatch) -> fx.Node | None:
@@ -266,39 +266,35 @@ def choose_variants(ctx: Context) -> None:
     the whole model, which may span several graphs: explain() answers it (and raises); one graph
     only warns when its sites alone would fail the check.
     """
-    attention = [s for s in ctx.sites if s.site.kind == "attention"]
-    layers = [s.site.layer for s in attention if s.site.layer is not None]
+    attention = [s for s in ctx.sites if s.kind == "attention"]
+    layers = [s.layer for s in attention if s.layer is not None]
     if attention:
         try:
-            check_sites(ctx.policy, [(s.site.module, s.site.layer) for s in attention], max(layers, default=0) + 1)
+            check_sites(ctx.policy, [(s.module, s.layer) for s in attention], max(layers, default=0) + 1)
         except PolicyError as problem:
             ctx.policy_warnings.append(str(problem))
     for state in attention:
-        variant, _ = ctx.policy.choose(state.site.module, state.site.layer)
+        variant, _ = ctx.policy.choose(state.module, state.layer)
         state.variant = variant
         state.site.variant = variant.variant
         state.site.params = variant.params()
 
 
-REWRITERS: dict[str, Any] = {}
-
-
 def rewrite_attention(ctx: Context) -> None:
-    """Replace each chosen site by its variant's op; sites kept or refused stay as they are."""
+    """Replace each chosen site by its variant's call; sites kept or refused stay as they are."""
     before = read_nodes(ctx.gm.graph)
     for state in ctx.sites:
-        if state.match is None or state.variant is None or state.site.kind != "attention":
+        if state.match is None or state.variant is None or state.kind != "attention":
             continue
-        name = state.variant.variant
-        if name == "keep":
+        variant = variant_for(state.variant)
+        if not variant.rewrites:
             state.site.status, state.site.reason = "kept", "policy: keep"
             continue
-        rewriter = REWRITERS.get(name)
-        if rewriter is None:
-            state.site.status = "unsupported"
-            state.site.reason = f"variant '{name}' has no rewrite yet; site left unchanged"
-            continue
-        refusal = rewriter(ctx, state)
+        facts = site_facts(ctx, state, layers=variant.needs_layers(state.variant))
+        refusal = variant.check(facts, state.variant)
+        if not refusal:
+            call = variant.call(facts, state.variant, kernels=ctx.options.kernels, key=state.key)
+            refusal = rewrite_sqa(ctx, state, call) if variant.rewrites_projections else _replace_site(ctx, state, call)
         if refusal:
             state.site.status, state.site.reason = "unsupported", refusal
         else:
@@ -307,18 +303,24 @@ def rewrite_attention(ctx: Context) -> None:
     ctx.gm.graph.lint()
 
 
-def rewrite_softmax(ctx: Context, state: SiteState) -> str | None:
-    _replace_site(ctx, state, dispatch.softmax_site, scale=True, consts={"dropout_p": state.match.dropout_p})
-    return None
+def site_facts(ctx: Context, state: SiteState, layers: bool = False) -> SiteFacts:
+    """What a variant may decide from; `layers`: also read the model's layer count (costs a walk to the model)."""
+    match = state.match
+    q, k, _ = site_values(match)
+    shape = lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else ()  # noqa: E731
+    dropout = match.dropout_p if isinstance(match.dropout_p, float) else None
+    return SiteFacts(mask=state.mask, q_shape=shape(q), k_shape=shape(k), heads=match.heads, kv_heads=match.kv_heads,
+                     head_dim=match.head_dim, layer=state.layer,
+                     layers=layer_count(ctx, state.module, match.q) if layers else None, dropout=dropout)
 
 
-def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: dict[str, Any]) -> None:
-    """Replace the matched site by `fn(q, k, v, mask | None[, scale], **mask constants, **consts, ...)`.
+def _replace_site(ctx: Context, state: SiteState, call: SiteCall) -> None:
+    """Replace the matched site by `call(q, k, v, mask | None, scale, dropout_p)`.
 
     q, k, v go in as [.., H, T, D]; a site whose scores were viewed to other leading dims (bmm on
     [B·H, T, D] viewed to [B, H, T, T]) is run in the scores' view and its output viewed back.
     """
-    match = state.match
+    match, variant = state.match, call.variant
     graph = ctx.gm.graph
     with graph.inserting_before(match.output):
         k = match.k
@@ -328,26 +330,18 @@ def _replace_site(ctx: Context, state: SiteState, fn, *, scale: bool, consts: di
         if match.view_lead is not None:
             q, k, v = (new_node(graph, torch.reshape, (x, (*match.view_lead, *value.shape[-2:])))
                        for x, value in zip((q, k, v), site_values(match)))
-        args = (q, k, v, mask_node(graph, match) if passes_mask(state.mask) else None)
-        if scale:
-            args += (scale_node(graph, match),)
-        described = mask_constants(state.mask)
-        if fn is not dispatch.softmax_site:  # variants read key padding whenever they get a mask
-            described = {"structure": described["structure"], "window": described["window"]}
-        if fn is dispatch.sparse_site:  # `window` is the sparse pattern's own
-            described["window_mask"] = described.pop("window")
-        new = graph.call_function(fn, args, {**described, **consts, "kernels": ctx.options.kernels, "site": state.key})
+        mask = mask_node(graph, match) if state.mask.needs_tensor else None
+        scale = scale_node(graph, match) if variant.scaled else 1.0
+        dropout_p = match.dropout_p if variant.takes_dropout else 0.0
+        new = graph.call_function(call, (q, k, v, mask, scale, dropout_p))
         if match.view_lead is not None:
             new = new_node(graph, torch.reshape, (new, tuple(shape_of(match.output))))
     new.meta.update({key: match.output.meta[key] for key in ("example_value", "nn_module_stack", "stack_trace")
                      if key in match.output.meta})
     match.output.replace_all_uses_with(new)
-    if match.dropout_p and fn is not dispatch.softmax_site:
+    if match.dropout_p and not variant.takes_dropout:
         p = match.dropout_p if isinstance(match.dropout_p, float) else "(a run-time value)"
-        state.site.reason = f"attention dropout p={p} is not part of {state.variant.variant}"
-
-
-REWRITERS["softmax"] = rewrite_softmax
+        state.site.reason = f"attention dropout p={p} is not part of {variant.name}"
 
 
 def evaluate_mask(ctx: Context, target: fx.Node, seed: dict, values: dict | None = None) -> torch.Tensor | None:
@@ -375,98 +369,3 @@ def _mutates_input(node: fx.Node) -> bool:
 
 
 _HEAVY = {torch._C._nn.linear, torch.matmul, torch.conv1d, torch.conv2d, torch.nn.functional.embedding}
-
-
-# --- the other variants -------------------------------------------------------------------------
-
-BIDIRECTIONAL = ("none",)
-CAUSAL_KINDS = ("causal",)
-
-
-def _check_site(state: SiteState, structures: tuple[str, ...], variant: str) -> str | None:
-    """Why a site cannot take a variant, or None."""
-    match, kind = state.match, state.mask
-    q, k, _ = site_values(match)
-    if not isinstance(q, torch.Tensor) or q.dim() != 4:
-        return f"{variant} needs 4-D [B, H, T, D] q/k/v"
-    if kind.structure not in structures:
-        served = ", ".join(f"{s} (+padding)" for s in structures)
-        return f"{variant} cannot serve a '{kind}' mask (it serves: {served}); site left unchanged"
-    if kind.causal and not _same_size(q.shape[-2], k.shape[-2]):
-        return f"causal {variant} needs as many queries as keys (got {q.shape[-2]} and {k.shape[-2]})"
-    return None
-
-
-def _same_size(a: Any, b: Any) -> bool:
-    """Equal as ints, or the same symbolic expression (comparing expressions installs no guard)."""
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else x  # noqa: E731
-        return bool(expr(a) == expr(b))
-    return a == b
-
-
-def rewrite_linear(ctx: Context, state: SiteState) -> str | None:
-    v = state.variant
-    causal = state.mask.causal
-    refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "linear attention")
-    if refusal:
-        return refusal
-    rates = None
-    if v.decay != "none":
-        if not causal:
-            return "linear attention with decay is causal-only; this site is bidirectional"
-        heads = state.match.heads
-        if v.decay == "lightning":
-            layers = layer_count(ctx, state.site.module, state.match.q)
-            if layers is None:
-                return ("lightning decay depends on the model's number of layers, which attncc could not read from "
-                        "the model (it reads the length of the module list holding this site's layer)")
-            rates = lightning_decay_rates(heads, state.site.layer or 0, layers)
-        else:
-            rates = constant_decay_rates(heads, float(v.decay))
-        rates = tuple(float(r) for r in rates)
-    _replace_site(ctx, state, dispatch.linear_site, scale=False,
-                  consts=dict(causal=causal, feature_map=v.feature_map, normalize=v.normalize, decay_rates=rates,
-                              eps=v.eps))
-    return None
-
-
-def rewrite_sparse(ctx: Context, state: SiteState) -> str | None:
-    v = state.variant
-    if v.pattern == "block":
-        refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "sparse block attention")
-        if refusal:
-            return refusal
-        v.load_mask()  # fail now, with the policy's message, rather than inside the compiled graph
-    else:
-        refusal = _check_site(state, CAUSAL_KINDS, f"sparse {v.pattern} attention (a causal pattern)")
-        if refusal:
-            return refusal
-    _replace_site(ctx, state, dispatch.sparse_site, scale=True,
-                  consts=dict(pattern=v.pattern, window=v.window, sinks=v.sinks, block=v.block,
-                              window_blocks=v.window_blocks, mask_fn=v.mask, causal=state.mask.causal))
-    return None
-
-
-def rewrite_softplus(ctx: Context, state: SiteState) -> str | None:
-    refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "softplus attention")
-    if refusal:
-        return refusal
-    _replace_site(ctx, state, dispatch.softplus_site, scale=False,
-                  consts=dict(causal=state.mask.causal, reweight_p=float(state.variant.reweight_p)))
-    return None
-
-
-def rewrite_mala(ctx: Context, state: SiteState) -> str | None:
-    refusal = _check_site(state, CAUSAL_KINDS + BIDIRECTIONAL, "MALA")
-    if refusal:
-        return refusal
-    _replace_site(ctx, state, dispatch.mala_site, scale=False,
-                  consts=dict(causal=state.mask.causal, sim_scale=state.variant.sim_scale))
-    return None
-
-
-REWRITERS.update(linear=rewrite_linear, sparse=rewrite_sparse, softplus=rewrite_softplus, mala=rewrite_mala)
-
-
-REWRITERS["sqa"] = rewrite_sqa

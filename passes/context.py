@@ -10,6 +10,11 @@ import torch
 import torch.fx as fx
 
 from attncc.codegen import emit
+from attncc.config import VariantConfig
+from attncc.facts import MaskKind
+from attncc.patterns.attention import AttentionMatch
+from attncc.patterns.residual import ResidualMatch
+from attncc.policy import Policy
 from attncc.report import Report, Site
 
 
@@ -24,20 +29,47 @@ class Options:
 _SITE_KEYS = itertools.count()
 
 
-@dataclass
 class SiteState:
-    site: Site
-    match: Any = None  # AttentionMatch, or None for a site that did not match
-    mask: Any = None  # MaskKind
-    variant: Any = None  # the policy's variant instance
-    key: str = ""  # unique in the process: the site's ops record under it what they ran
+    """One site as the passes see it: typed facts and decisions, passed from pass to pass.
+
+    `site` is the site's report row: passes write it (what they found, decided and why), and never
+    read it back; the facts they decide from are the typed fields here.
+    """
+
+    def __init__(self, site: Site, match: AttentionMatch | ResidualMatch | None, key: str):
+        self.site = site
+        self.match = match  # None for a site that did not match
+        self.key = key  # unique in the process: the site's ops record under it what they ran
+        self.kind = site.kind  # attention | residual
+        self.module = site.module
+        self.mask: MaskKind | None = None
+        self.variant: VariantConfig | None = None  # the policy's choice
+        self._layer = site.layer
+        self._cross = site.cross
+
+    @property
+    def layer(self) -> int | None:
+        return self._layer
+
+    @layer.setter
+    def layer(self, value: int | None) -> None:
+        self._layer = self.site.layer = value
+
+    @property
+    def cross(self) -> bool:
+        """Queries and keys come from different sequences (cross attention)."""
+        return self._cross
+
+    @cross.setter
+    def cross(self, value: bool) -> None:
+        self._cross = self.site.cross = value
 
 
 @dataclass
 class Context:
     gm: fx.GraphModule
     example_inputs: list[Any]
-    policy: Any
+    policy: Policy
     options: Options = field(default_factory=Options)
     report: Report = field(default_factory=Report)
     graph_index: int = 0

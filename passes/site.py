@@ -1,5 +1,5 @@
-"""Building a rewritten site's call: its q, k, v as the op receives them, its scale, its mask and what
-the op is told about the mask. Shared by every attention rewrite (attention.py, sqa.py)."""
+"""Building a rewritten site's call: its q, k, v as the op receives them, its scale and its mask.
+Shared by every attention rewrite (attention.py, sqa.py)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,6 @@ import torch.fx as fx
 
 from attncc.fx import meta_value, ndim_of, propagate_meta
 from attncc.patterns.attention import AttentionMatch, TransposeOf
-from attncc.patterns.masks import MaskKind
-
-
-def mask_constants(kind: MaskKind) -> dict[str, Any]:
-    """What a site's op is told about its mask: the structure, and whether padding and a check come with it."""
-    return {"structure": kind.structure, "window": kind.window or 0, "padding": kind.padding, "checked": kind.checked}
-
-
-def passes_mask(kind: MaskKind) -> bool:
-    """Whether the site's op needs the mask tensor: anything but a plain none/causal compile-time fact."""
-    return kind.padding or kind.checked or kind.structure not in ("none", "causal")
 
 
 def site_values(match: AttentionMatch) -> tuple:

@@ -16,7 +16,6 @@ or repeats the kv heads at the attention's input.
 from __future__ import annotations
 
 import operator
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +23,12 @@ import sympy
 import torch
 import torch.fx as fx
 
-from attncc.codegen import dispatch
+from attncc.codegen.variants import SiteCall
+from attncc.codegen.variants.sqa import head_counts
 from attncc.fx import ancestors, is_parameter_placeholder, propagate_meta, shape_of
 
 from .context import Context, SiteState
-from .site import mask_constants, mask_node, passes_mask, scale_node
+from .site import mask_node, scale_node
 
 _LINEAR = torch._C._nn.linear
 _HEADWISE_METHODS = {"view", "reshape", "transpose", "contiguous", "to", "float", "type_as", "unsqueeze", "flatten"}
@@ -40,20 +40,14 @@ class Refused(Exception):
     pass
 
 
-def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
+def rewrite_sqa(ctx: Context, state: SiteState, call: SiteCall) -> str | None:
+    """Rebuild the site's query and output projections with fewer heads, the site as `call` (softmax)
+    on them. The variant's check has passed: static head counts the policy can map."""
     match, variant = state.match, state.variant
     heads, kv_heads, head_dim = match.heads, match.kv_heads, match.head_dim
     if match.view_lead is not None:
         return "sqa needs q/k/v with their own head dim (these are flattened into the batch)"
-    if None in (heads, kv_heads, head_dim) or shape_of(match.q) is None or len(shape_of(match.q)) != 4:
-        return "sqa needs 4-D [B, H, T, D] q/k/v with static head counts"
-    _warn_unmappable_heads(ctx)
-    counts = _head_counts(heads, kv_heads, variant)
-    if isinstance(counts, str):
-        return counts
-    hq, hkv = counts
-    if hq == heads and hkv == kv_heads and variant.query_heads is None:
-        return "sqa with these heads is the identity"
+    hq, hkv = head_counts(heads, kv_heads, variant)
     try:
         projection, q_nodes = _producer_chain(match.q)
         o_nodes, o_proj = _consumer_chain(match.output)
@@ -72,16 +66,12 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
             k, v = _regroup_kv(graph, match.k, kv_heads, hkv), _regroup_kv(graph, match.v, kv_heads, hkv)
             scale = scale_node(graph, match)
             mask = None
-            if passes_mask(state.mask):
+            if state.mask.needs_tensor:
                 mask = mask_node(graph, match)
                 mask_shape = shape_of(mask)
                 if mask_shape is not None and len(mask_shape) == 4 and mask_shape[1] != 1:
                     return f"sqa cannot regroup a per-head mask ({mask_shape})"
-            attn = graph.call_function(
-                dispatch.softmax_site, (new_q, k, v, mask, scale),
-                {**mask_constants(state.mask), "dropout_p": match.dropout_p, "kernels": ctx.options.kernels,
-                 "site": state.key},
-            )
+            attn = graph.call_function(call, (new_q, k, v, mask, scale, match.dropout_p))
             propagate_meta(attn)
         with graph.inserting_before(o_proj):
             new_out = _copy_chain(graph, match.output, o_nodes, o_input, attn, o_heads, hq, head_dim)
@@ -92,39 +82,6 @@ def rewrite_sqa(ctx: Context, state: SiteState) -> str | None:
     state.site.params = {**state.site.params, "query_heads": hq, "kv_heads": hkv}
     state.site.reason = f"{heads} -> {hq} query heads, {kv_heads} -> {hkv} kv heads ({variant.init} init)"
     return None
-
-
-def _head_counts(heads: int, kv_heads: int, variant) -> tuple[int, int] | str:
-    """(query heads, kv heads) the policy asks of a site with `heads`/`kv_heads`, or why it cannot apply."""
-    hq = variant.query_heads or max(1, heads // 2)
-    hkv = variant.kv_heads or min(kv_heads, hq)  # default: keep the kv heads, pooled down to hq if needed
-    if heads % hq or hq % hkv or (hkv % kv_heads and kv_heads % hkv) or hq > heads:
-        return (f"sqa cannot map {heads} query / {kv_heads} kv heads to query_heads={hq}, kv_heads={hkv}: "
-                "query_heads must divide the heads and be a multiple of kv_heads")
-    if kv_heads % hkv == 0 and (heads // hq) > (heads // kv_heads) * (kv_heads // hkv):
-        return f"sqa query groups of {heads // hq} heads would mix kv groups of {heads // kv_heads} heads"
-    return hq, hkv
-
-
-_WARNED = "attncc_sqa_warned"
-
-
-def _warn_unmappable_heads(ctx: Context) -> None:
-    """Once per graph, at compile time: every SQA site whose head counts the policy cannot map stays unchanged."""
-    if ctx.gm.meta.get(_WARNED):
-        return
-    ctx.gm.meta[_WARNED] = True
-    problems = []
-    for state in ctx.sites:
-        match, variant = state.match, state.variant
-        if match is None or variant is None or variant.variant != "sqa" or None in (match.heads, match.kv_heads):
-            continue
-        counts = _head_counts(match.heads, match.kv_heads, variant)
-        if isinstance(counts, str):
-            problems.append(f"{state.site.module or '<root>'} (layer {state.site.layer}): {counts}")
-    if problems:
-        warnings.warn(f"attncc: {len(problems)} sqa site(s) left unchanged, their heads do not fit the policy: "
-                      + "; ".join(problems), stacklevel=2)
 
 
 @dataclass

@@ -9,52 +9,9 @@ the caller evaluates the mask at more than one length and requires the same answ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass(frozen=True)
-class MaskKind:
-    """What a site's mask is: a structure, plus whether key padding and a run-time check come with it.
-
-    structure  none | causal | sliding_window | other (other: kept dense, applied as it is)
-    padding    keys may be padding: the op reads the key padding off the mask at run time
-    checked    the mask depends on input values: the structure was read off the example and is a
-               hypothesis, which the op checks on every call
-    """
-
-    structure: str
-    window: int | None = None
-    padding: bool = False
-    checked: bool = False
-
-    @property
-    def kind(self) -> str:
-        """The report's spelling: none, causal, sliding_window, padding, causal+padding, ..., other."""
-        if self.structure == "none" and self.padding:
-            return "padding"
-        return self.structure + ("+padding" if self.padding and self.structure != "other" else "")
-
-    @property
-    def causal(self) -> bool:
-        return self.structure in ("causal", "sliding_window")
-
-    @property
-    def structural(self) -> bool:
-        """A structure kernels and variants can serve (every kind but `other`)."""
-        return self.structure != "other"
-
-    def __str__(self) -> str:
-        text = self.kind
-        if self.structure == "sliding_window":
-            text = text.replace("sliding_window", f"sliding_window({self.window})")
-        return text
-
-
-NONE = MaskKind("none")
-CAUSAL = MaskKind("causal")
-OTHER = MaskKind("other")
+from attncc.facts import OTHER, MaskKind
 
 
 def allowed_from_bias(bias: torch.Tensor) -> tuple[torch.Tensor, bool]:

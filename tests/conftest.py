@@ -53,7 +53,7 @@ def poison_kernel_outputs(monkeypatch):
     the way flash-linear-attention's tests/ops/conftest.py patches the allocators. The launchers look
     `_alloc` up as a module global at each call, so patching the module attribute reaches them all.
     The import stays here, after TRITON_INTERPRET is set above."""
-    from attncc.codegen.triton import flash
+    from attncc.codegen.variants.softmax import flash
 
     monkeypatch.setattr(flash, "_alloc", _poisoned_alloc)
     yield

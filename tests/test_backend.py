@@ -211,14 +211,14 @@ def test_verify_passes_on_a_correct_rewrite(inner):
 
 @pytest.mark.parametrize("inner", ["eager", "aot_eager"])
 def test_verify_catches_a_wrong_rewrite(monkeypatch, inner):
-    from attncc.codegen import dispatch
+    from attncc.codegen.variants.softmax import SoftmaxVariant
 
-    correct = dispatch.softmax_site
+    correct = SoftmaxVariant.run
 
-    def softmax_site(*args, **kwargs):
-        return correct(*args, **kwargs) + 0.1
+    def run(*args):
+        return correct(*args) + 0.1
 
-    monkeypatch.setattr(dispatch, "softmax_site", softmax_site)
+    monkeypatch.setattr(SoftmaxVariant, "run", run)
     model, x = _model(), _x()
     be = attncc.backend(MIXED, inner=inner, verify=True)
     compiled = torch.compile(model, backend=be)
@@ -247,8 +247,8 @@ def _assert_dumps(directory, graphs: int = 1):
                 assert f"graph{g}_{index:02d}_{p.name}_{when}.txt" in names, sorted(names)
     last = len(PASSES) - 1
     rewrite = next(i for i, p in enumerate(PASSES) if p.name == "rewrite_attention")
-    assert "softmax_site" not in (directory / f"graph0_{rewrite:02d}_rewrite_attention_before.txt").read_text()
-    assert "softmax_site" in (directory / f"graph0_{rewrite:02d}_rewrite_attention_after.txt").read_text()
+    assert "attncc_softmax" not in (directory / f"graph0_{rewrite:02d}_rewrite_attention_before.txt").read_text()
+    assert "attncc_softmax" in (directory / f"graph0_{rewrite:02d}_rewrite_attention_after.txt").read_text()
     assert (directory / f"graph0_{last:02d}_{PASSES[last].name}_after.txt").read_text().strip()
 
 

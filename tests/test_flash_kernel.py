@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from attncc.codegen.triton import flash
-from attncc.codegen.triton.flash import (
+from attncc.codegen.variants.softmax import flash
+from attncc.codegen.variants.softmax.flash import (
     flash_attention_bwd,
     flash_attention_fwd,
     flash_config,

@@ -8,8 +8,9 @@ import torch
 from transformers import LlamaConfig, LlamaModel
 
 import attncc
-from attncc.codegen import emit, ops
-from attncc.codegen.reference.softmax import softmax_attention
+from attncc.codegen import emit
+from attncc.codegen.variants.softmax import ops
+from attncc.codegen.variants.softmax.reference import softmax_attention
 from models import zoo
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -152,7 +153,7 @@ REFERENCE_OP_CASES = [
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
 def test_reference_ops_opcheck(name, rest, padded):
     """Every variant's reference is a torch.library op (fake, autograd) that passes opcheck."""
-    import attncc.codegen.reference_ops  # noqa: F401  (registers the ops)
+    import attncc.codegen.variants  # noqa: F401  (registers the ops)
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 9, 8, generator=g, requires_grad=True)

@@ -10,22 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from attncc.codegen.variants.attnres import AttnRes, ResidualKeep
+from attncc.codegen.variants.keep import Keep
+from attncc.codegen.variants.linear import Linear
+from attncc.codegen.variants.mala import Mala
+from attncc.codegen.variants.softmax import Softmax
+from attncc.codegen.variants.softplus import Softplus
+from attncc.codegen.variants.sparse import Sparse
+from attncc.codegen.variants.sqa import SQA
 from attncc.policy import (
     ATTENTION_VARIANTS,
     RESIDUAL_VARIANTS,
-    SQA,
     AttentionPolicy,
-    AttnRes,
-    Keep,
-    Linear,
-    Mala,
     Policy,
     PolicyError,
-    ResidualKeep,
     Rule,
-    Softmax,
-    Softplus,
-    Sparse,
     Target,
     Where,
     _toml_dumps,

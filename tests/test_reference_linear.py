@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attncc.codegen.reference.linear import (
+from attncc.codegen.variants.linear.reference import (
     constant_decay_rates,
     feature_map,
     lightning_decay_rates,

@@ -4,7 +4,7 @@ allowed set (§6.1 bidirectional, §6.2 causal); outputs and gradients."""
 import pytest
 import torch
 
-from attncc.codegen.reference.mala import mala_attention
+from attncc.codegen.variants.mala.reference import mala_attention
 from reference_cases import (
     PADDING,
     SHAPES_WITH_D12,

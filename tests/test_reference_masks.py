@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attncc.codegen.reference.masks import (
+from attncc.codegen.masks import (
     and_masks,
     causal,
     dense_mask,

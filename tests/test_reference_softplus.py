@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from attncc.codegen.reference.softplus import softplus_attention
+from attncc.codegen.variants.softplus.reference import softplus_attention
 from reference_cases import (
     PADDING,
     SHAPES,

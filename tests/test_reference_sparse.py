@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from attncc.codegen.reference.sparse import sparse_attention
+from attncc.codegen.variants.sparse.reference import sparse_attention
 from reference_cases import (
     PADDING,
     SHAPES,

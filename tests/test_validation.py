@@ -13,7 +13,8 @@ import attncc
 import attncc.compiler
 from attncc.cli import main
 from attncc.explain import _ISOLATED
-from attncc.policy import PolicyError, Sparse, load_policy
+from attncc.codegen.variants.sparse import Sparse
+from attncc.policy import PolicyError, load_policy
 from models import zoo
 from spellings import B, C, T, GraphBreak, TwoLayers
 
@@ -85,16 +86,16 @@ def test_keep_is_bit_for_bit_plain_compile(build):
 
 
 def test_a_rewrite_still_reaches_the_inner_compiler(monkeypatch):
-    from attncc.codegen import dispatch
+    from attncc.codegen.variants.softmax import SoftmaxVariant
 
     calls = []
-    correct = dispatch.softmax_site
+    correct = SoftmaxVariant.run
 
-    def softmax_site(*args, **kwargs):
+    def run(*args):
         calls.append(1)
-        return correct(*args, **kwargs)
+        return correct(*args)
 
-    monkeypatch.setattr(dispatch, "softmax_site", softmax_site)
+    monkeypatch.setattr(SoftmaxVariant, "run", run)
     be = attncc.backend({"attention": "softmax"}, inner="eager")
     torch.compile(_two_layers(), backend=be)(_x())
     assert be.report.count("rewritten") == 2 and len(calls) == 2
@@ -209,14 +210,14 @@ def test_compare_tolerance(dtype, magnitude, relative, caught):
 
 
 def test_verify_catches_a_wrong_rewrite_of_a_small_output(monkeypatch):
-    from attncc.codegen import dispatch
+    from attncc.codegen.variants.softmax import SoftmaxVariant
 
-    correct = dispatch.softmax_site
+    correct = SoftmaxVariant.run
 
-    def softmax_site(*args, **kwargs):
-        return correct(*args, **kwargs) * 1.5
+    def run(*args):
+        return correct(*args) * 1.5
 
-    monkeypatch.setattr(dispatch, "softmax_site", softmax_site)
+    monkeypatch.setattr(SoftmaxVariant, "run", run)
     model, x = _two_layers(), _x(scale=1e-3)
     with torch.no_grad():
         for p in model.parameters():

@@ -9,10 +9,10 @@ import torch
 from transformers import AttentionInterface
 
 import attncc
-from attncc.codegen.reference.linear import lightning_decay_rates, linear_attention
-from attncc.codegen.reference.mala import mala_attention
-from attncc.codegen.reference.softplus import softplus_attention
-from attncc.codegen.reference.sparse import sparse_attention
+from attncc.codegen.variants.linear.reference import lightning_decay_rates, linear_attention
+from attncc.codegen.variants.mala.reference import mala_attention
+from attncc.codegen.variants.softplus.reference import softplus_attention
+from attncc.codegen.variants.sparse.reference import sparse_attention
 from models import zoo
 
 LAYERS = 2
@@ -53,7 +53,7 @@ def sqa_ref(q, k, v, *, causal, key_padding, module, scaling, select=False):
     """SQA as the attention of merged heads: projecting with the mean of a group's W_Q rows is the mean
     of the group's projected q heads; summing a group's W_O columns is feeding the group's one output
     to every head of the group (select: the first head's q, and only the first head's W_O columns)."""
-    from attncc.codegen.reference.softmax import softmax_attention
+    from attncc.codegen.variants.softmax.reference import softmax_attention
 
     b, h, t, d = q.shape
     hq = 2

@@ -734,7 +734,7 @@ def _backward(do, q, k, v, o, lse, scale, spec: _Pattern, key_padding, tile_coun
 
 
 def flash_attention_fwd(q, k, v, *, scale: float, causal: bool, pattern: str = "dense", window: int = 0,
-                        sinks: int = 0, block: int = 128, window_blocks: int = 0, key_padding=None):
+                        sinks: int = 0, block: int = 0, window_blocks: int = 0, key_padding=None):
     """Forward: (o [B, H, Tq, D] contiguous in q's dtype, lse [B, H, Tq] float32, natural log).
 
     Raises ValueError for inputs the kernels do not handle (the caller then uses the reference).
@@ -745,7 +745,7 @@ def flash_attention_fwd(q, k, v, *, scale: float, causal: bool, pattern: str = "
 
 
 def flash_attention_bwd(do, q, k, v, o, lse, *, scale: float, causal: bool, pattern: str = "dense",
-                        window: int = 0, sinks: int = 0, block: int = 128, window_blocks: int = 0,
+                        window: int = 0, sinks: int = 0, block: int = 0, window_blocks: int = 0,
                         key_padding=None):
     """Backward of ``flash_attention_fwd``: (dq, dk, dv), contiguous, in the inputs' dtypes.
 
@@ -760,7 +760,7 @@ def flash_attention_bwd(do, q, k, v, o, lse, *, scale: float, causal: bool, patt
 
 
 def visited_tiles(q_len: int, k_len: int | None = None, *, causal: bool = True, pattern: str = "dense",
-                  window: int = 0, sinks: int = 0, block: int = 128, window_blocks: int = 0,
+                  window: int = 0, sinks: int = 0, block: int = 0, window_blocks: int = 0,
                   head_dim: int = 16, device=None) -> dict[str, torch.Tensor]:
     """Debug helper: how many tiles each program visits, as counted by the kernels themselves.
 

@@ -1,4 +1,5 @@
-"""Mask mods for the sparse patterns of VARIANTS.md §8, plus the input checks the references share.
+"""What every variant's reference shares: mask mods for the sparse patterns of VARIANTS.md §8, GQA
+repetition, and the input checks.
 
 A mask mod follows the FlexAttention convention (§8.3): ``mask_mod(b, h, q_idx, kv_idx) -> bool
 tensor``, True where query ``q_idx`` may attend to key ``kv_idx``. The arguments are integer tensors
@@ -15,9 +16,19 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .softmax import repeat_kv
-
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+NO_KEY = torch.finfo(torch.float16).min / 2  # an additive mask entry at or below this allows no key (-inf, finfo.min)
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, Hkv, T, D] -> [B, heads, T, D]: query head h reads kv head h // (heads // Hkv)."""
+    kv_heads = x.shape[-3]
+    if kv_heads == heads:
+        return x
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads evenly")
+    return x.repeat_interleave(heads // kv_heads, dim=-3)
 
 
 def _named(name: str, mask_mod: MaskMod) -> MaskMod:
@@ -138,7 +149,7 @@ def prepare_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None) -> 
 
     q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv], key_padding bool [B, Tk] or None.
     GQA: query head h uses kv head h // (H // Hkv), so k and v are repeated along the head axis
-    (``softmax.repeat_kv``).
+    (``repeat_kv``).
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(

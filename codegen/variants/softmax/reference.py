@@ -10,17 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NO_KEY = torch.finfo(torch.float16).min / 2  # an additive mask entry at or below this allows no key (-inf, finfo.min)
-
-
-def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, Hkv, T, D] -> [B, heads, T, D]: query head h reads kv head h // (heads // Hkv)."""
-    kv_heads = x.shape[-3]
-    if kv_heads == heads:
-        return x
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads cannot share {kv_heads} kv heads evenly")
-    return x.repeat_interleave(heads // kv_heads, dim=-3)
+from attncc.codegen.masks import NO_KEY, repeat_kv
 
 
 def softmax_attention(

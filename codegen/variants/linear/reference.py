@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .masks import prepare_qkv
+from attncc.codegen.masks import prepare_qkv
 
 
 def _elu1(x: Tensor) -> Tensor:

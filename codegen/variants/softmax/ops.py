@@ -16,16 +16,41 @@ from __future__ import annotations
 import torch
 
 from attncc.codegen import emit, runtime_mask
-from attncc.codegen.reference.softmax import softmax_attention, softmax_attention_backward
+
+from .flash import flash_attention_bwd, flash_attention_fwd, supports
+from .reference import softmax_attention, softmax_attention_backward
+
+
+def flash_spec(q: torch.Tensor, k: torch.Tensor, *, causal: bool, pattern: str, window: int = 0, sinks: int = 0,
+               block: int = 0, window_blocks: int = 0, padded: bool = False) -> emit.KernelSpec:
+    """The flash template's specialization for these tensors and constants (named in reports)."""
+    constants: list[tuple[str, object]] = [("", pattern), ("causal", bool(causal))]
+    if pattern == "sliding_window":
+        constants += [("w", int(window)), ("s", int(sinks))]
+    elif pattern == "power":
+        constants += [("b", int(block)), ("wb", int(window_blocks))]
+    constants += [("d", int(q.shape[-1])), ("g", int(q.shape[-3] // k.shape[-3])), ("padded", bool(padded)),
+                  ("", emit.dtype_name(q.dtype))]
+    return emit.KernelSpec("flash", flash_attention_fwd.__module__, tuple(constants))
+
+
+def flash_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+    """Why the flash kernel cannot run these tensors (the reference runs instead), or None."""
+    if q.dim() != 4:
+        return "flash kernel needs 4-D [B, H, T, D] tensors"
+    if v.shape[-1] != q.shape[-1]:
+        return f"flash kernel needs the value head dim ({v.shape[-1]}) to equal the head dim ({q.shape[-1]})"
+    if dropout_p:
+        return "flash kernel has no attention dropout"
+    ok, reason = supports(q.shape[-1], q.dtype)
+    return None if ok else reason
 
 
 @torch.library.custom_op("attncc::flash_attention", mutates_args=())
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
                     scale: float, causal: bool, pattern: str, window: int, sinks: int, block: int,
                     window_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from attncc.codegen.triton.flash import flash_attention_fwd
-
-    emit.record(emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, sinks=sinks, block=block,
+    emit.record(flash_spec(q, k, causal=causal, pattern=pattern, window=window, sinks=sinks, block=block,
                                 window_blocks=window_blocks, padded=key_padding is not None))
     return flash_attention_fwd(q, k, v, scale=scale, causal=causal, pattern=pattern, window=window, sinks=sinks,
                                block=block, window_blocks=window_blocks, key_padding=key_padding)
@@ -44,8 +69,6 @@ def flash_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              lse: torch.Tensor, key_padding: torch.Tensor | None, scale: float, causal: bool,
                              pattern: str, window: int, sinks: int, block: int,
                              window_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from attncc.codegen.triton.flash import flash_attention_bwd
-
     return flash_attention_bwd(do.contiguous(), q, k, v, o, lse, scale=scale, causal=causal, pattern=pattern,
                                window=window, sinks=sinks, block=block, window_blocks=window_blocks,
                                key_padding=key_padding)
@@ -78,7 +101,7 @@ flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flash(q, k, v, key_padding, *, scale: float, causal: bool, pattern: str = "dense", window: int = 0,
-          sinks: int = 0, block: int = 128, window_blocks: int = 0) -> torch.Tensor:
+          sinks: int = 0, block: int = 0, window_blocks: int = 0) -> torch.Tensor:
     o, _ = flash_attention(q, k, v, key_padding, float(scale), bool(causal), pattern, int(window), int(sinks),
                            int(block), int(window_blocks))
     return o
@@ -98,8 +121,6 @@ def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """Softmax attention under a mask compiled as `kind` & key padding: the flash kernel when this
     call's mask has that structure, else the dense reference (exact for any mask).
     Returns (o, lse, key padding [B, Tk], whether the kernel ran)."""
-    from attncc.codegen.triton.flash import flash_attention_fwd
-
     keys, problem = runtime_mask.check(mask, kind, window)
     keys = runtime_mask.batch_keys(keys, q.shape[0]).contiguous()
     if problem:
@@ -107,7 +128,7 @@ def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
         o = softmax_attention(q, k, v, scale=scale, mask=mask).contiguous()
         return o, q.new_zeros(q.shape[:3], dtype=torch.float32), keys, torch.tensor(False)
     causal, pattern = _checked_pattern(kind)
-    spec = emit.record(emit.flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=True))
+    spec = emit.record(flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=True))
     emit.ran(site, spec.name)
     o, lse = flash_attention_fwd(q, k, v, scale=scale, causal=causal, pattern=pattern, window=window,
                                  key_padding=keys)
@@ -126,8 +147,6 @@ def flash_attention_checked_backward(do: torch.Tensor, q: torch.Tensor, k: torch
                                      o: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, ran_kernel: torch.Tensor,
                                      mask: torch.Tensor, scale: float, kind: str, window: int
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from attncc.codegen.triton.flash import flash_attention_bwd
-
     if bool(ran_kernel):
         causal, pattern = _checked_pattern(kind)
         return flash_attention_bwd(do.contiguous(), q, k, v, o, lse, scale=scale, causal=causal, pattern=pattern,

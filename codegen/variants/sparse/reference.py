@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .masks import MaskMod, dense_mask, padding, power, prepare_qkv, sliding_window
+from attncc.codegen.masks import MaskMod, dense_mask, padding, power, prepare_qkv, sliding_window
 
 PATTERNS = ("sliding_window", "power", "block")
 
@@ -27,10 +27,10 @@ def sparse_attention(
     *,
     scale: float,
     pattern: str,
-    window: int = 1024,
+    window: int = 0,
     sinks: int = 0,
-    block: int = 128,
-    window_blocks: int = 5,
+    block: int = 0,
+    window_blocks: int = 0,
     mask_mod: MaskMod | None = None,
     key_padding: Tensor | None = None,
 ) -> Tensor:

@@ -1,0 +1,27 @@
+"""attnres: Attention Residuals, softmax attention over depth (VARIANTS.md §9); and residual `keep`.
+
+The residual stream's rewrite is passes/residual.py; the aggregation it inserts is reference.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from attncc.config import VariantConfig
+
+
+@dataclass(frozen=True)
+class ResidualKeep(VariantConfig):
+    """Leave the residual adds as they are."""
+
+    variant: ClassVar[str] = "keep"
+
+
+@dataclass(frozen=True)
+class AttnRes(VariantConfig):
+    """Attention residuals over depth; block_size sublayers per block (1 = Full AttnRes). VARIANTS.md §9."""
+
+    variant: ClassVar[str] = "attnres"
+    minimum: ClassVar[dict[str, float]] = {"block_size": 1}
+    block_size: int = 1

@@ -1,0 +1,168 @@
+"""What a variant is, and what a rewritten site calls.
+
+A variant is one unit in its own folder, `codegen/variants/<name>/`:
+
+    config     the policy schema: a frozen `VariantConfig` dataclass, defaults declared once
+    Variant    `check(site, config)` -> why it cannot serve a site, or None; `constants(site, config)`
+               -> the Python constants its op is specialized on; `run(call, q, k, v, mask, scale,
+               dropout_p)` -> the site's output, through its op
+    reference  the math of VARIANTS.md, in plain PyTorch (reference.py)
+    ops        its torch.library ops (ops.py): fake, autograd, and the one place that picks kernel or
+               reference and records the choice (`SiteCall.ran`)
+    kernels    its Triton templates, when it has them
+
+The registry (`codegen/variants/__init__.py`) maps each config type to its Variant.
+
+A rewritten site is one `call_function` node whose target is a `SiteCall`: the variant, the typed
+mask kind, the constants, the `kernels` option and the site's key, all fixed when the graph is
+rewritten; its arguments are the tensors (q, k, v, the mask or None, the scale, the dropout
+probability). AOT traces through the call, so the constants specialize the ops it reaches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
+
+import torch
+
+from attncc.codegen import emit, runtime_mask
+from attncc.config import VariantConfig
+from attncc.facts import MaskKind, SiteFacts
+
+KERNEL_CHOICES = ("auto", "triton", "reference")
+
+
+class Variant:
+    """One attention variant. Subclass it in the variant's folder; register one instance."""
+
+    config: ClassVar[type[VariantConfig]]
+    title: ClassVar[str]  # how messages name it: "linear attention"
+    structures: ClassVar[tuple[str, ...]] = ("none", "causal")  # mask structures it serves (+padding)
+    scaled: ClassVar[bool] = True  # it uses the site's softmax scale
+    takes_dropout: ClassVar[bool] = False  # it applies the site's attention dropout
+    kernel: ClassVar[str | None] = None  # its kernel template, None while it has none
+    rewrites: ClassVar[bool] = True  # False for `keep`: the site stays as the model wrote it
+    rewrites_projections: ClassVar[bool] = False  # the pass also rebuilds the projections (sqa)
+
+    @property
+    def name(self) -> str:
+        return self.config.variant
+
+    def check(self, site: SiteFacts, config: Any) -> str | None:
+        """Why this variant cannot serve `site` with `config` (the site is then left unchanged), or None."""
+        return served(site, self.structures, self.title)
+
+    def needs_layers(self, config: Any) -> bool:
+        """Whether `check`/`constants` read `site.layers` (the model's layer count, costly to find)."""
+        return False
+
+    def constants(self, site: SiteFacts, config: Any) -> dict[str, Any]:
+        """The Python constants of the site's op (what its kernel specializes on)."""
+        return {}
+
+    def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
+        raise NotImplementedError
+
+    def call(self, site: SiteFacts, config: Any, *, kernels: str, key: str) -> SiteCall:
+        """The graph's call target for a site this variant serves (after `check` passed)."""
+        return SiteCall(self, site.mask, MappingProxyType(self.constants(site, config)), kernels, key)
+
+
+@dataclass(frozen=True, eq=False)
+class SiteCall:
+    """A rewritten site's call target: `call(q, k, v, mask, scale, dropout_p)` runs the variant."""
+
+    variant: Variant
+    mask: MaskKind
+    constants: Mapping[str, Any] = field(default_factory=dict)
+    kernels: str = "auto"
+    key: str = ""  # the site's key: its ops record under it what they ran
+
+    @property
+    def __name__(self) -> str:  # FX names the node after its target
+        return f"attncc_{self.variant.name}"
+
+    def __call__(self, q, k, v, mask=None, scale=1.0, dropout_p=0.0) -> torch.Tensor:
+        return self.variant.run(self, q, k, v, mask, scale, dropout_p)
+
+    def use_kernels(self, *tensors: torch.Tensor) -> bool:
+        """Whether the `kernels` option asks for a kernel on these tensors (CUDA under `auto`)."""
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels={self.kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
+        if self.kernels == "reference":
+            return False
+        return self.kernels == "triton" or all(t.is_cuda for t in tensors)
+
+    def ran(self, what: str) -> None:
+        """Record what this site runs (at trace time: the traced graph runs it on every call)."""
+        emit.ran(self.key, what)
+
+    def ran_reference(self, *tensors: torch.Tensor, why: str | None = None) -> None:
+        """Record that the reference runs: because `kernels` says so, else because of `why`."""
+        if not self.use_kernels(*tensors):
+            self.ran("reference")
+        else:
+            self.ran(f"reference ({why or f'no {self.variant.name} kernel yet'})")
+
+    def keys(self, mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """The key padding [B, Tk] of this call's mask, its structure checked (MaskMismatch if it
+        is not the compiled one); None without a mask."""
+        if mask is None:
+            return None
+        keys = runtime_mask.mask_keys(mask, self.mask.structure, int(self.mask.window or 0), self.key)
+        return runtime_mask.batch_keys(keys, batch)
+
+
+def served(site: SiteFacts, structures: tuple[str, ...], title: str) -> str | None:
+    """Why a variant serving `structures` cannot take `site`, or None."""
+    if len(site.q_shape) != 4 or len(site.k_shape) != 4:
+        return f"{title} needs 4-D [B, H, T, D] q/k/v"
+    if site.mask.structure not in structures:
+        served = ", ".join(f"{s} (+padding)" for s in structures)
+        return f"{title} cannot serve a '{site.mask}' mask (it serves: {served}); site left unchanged"
+    if site.mask.causal and not same_size(site.q_shape[-2], site.k_shape[-2]):
+        return f"causal {title} needs as many queries as keys (got {site.q_shape[-2]} and {site.k_shape[-2]})"
+    return None
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """Equal as ints, or the same symbolic expression (comparing expressions installs no guard)."""
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        expr = lambda x: x.node.expr if isinstance(x, torch.SymInt) else x  # noqa: E731
+        return bool(expr(a) == expr(b))
+    return a == b
+
+
+def scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Fold a tensor-valued scale into q, so references and kernels see a Python float."""
+    if isinstance(scale, torch.Tensor):
+        return q * scale.to(q.dtype), 1.0
+    return q, float(scale)
+
+
+def reference_op(op, reference: Callable, tensors: int) -> None:
+    """Register fake and autograd of a variant op that runs `reference(*inputs)`.
+
+    Fake: a contiguous [B, H, Tq, Dv] in q's dtype. Autograd: recompute the reference under
+    autograd and differentiate with respect to q, k, v (the first three inputs; the other
+    `tensors - 3` tensor inputs, key padding and the like, get no gradient)."""
+
+    def fake(q, k, v, *rest):
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:tensors])
+        ctx.constants = inputs[tensors:]
+
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_() if t is not None and i < 3 else t for i, t in enumerate(saved)]
+            out = reference(*inputs, *ctx.constants)
+            grads = torch.autograd.grad(out, inputs[:3], grad, allow_unused=True)
+        return (*grads, *([None] * (len(saved) - 3 + len(ctx.constants))))
+
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup_context)

@@ -1,0 +1,44 @@
+"""mala: magnitude-aware linear attention. VARIANTS.md §6."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from attncc.config import VariantConfig
+from attncc.errors import PolicyError
+from attncc.facts import SiteFacts
+
+from ..base import SiteCall, Variant
+from . import ops
+
+
+@dataclass(frozen=True)
+class Mala(VariantConfig):
+    """Magnitude-aware linear attention; sim_scale None = the official 1/(sqrt(D)*N). VARIANTS.md §6."""
+
+    variant: ClassVar[str] = "mala"
+    sim_scale: float | None = None
+
+    def _check(self) -> None:
+        if self.sim_scale is not None and self.sim_scale <= 0:
+            raise PolicyError(f"must be > 0, got {self.sim_scale!r}", "sim_scale")
+
+
+class MalaVariant(Variant):
+    config = Mala
+    title = "MALA"
+    scaled = False
+
+    def constants(self, site: SiteFacts, config: Mala) -> dict:
+        return dict(causal=site.causal, sim_scale=config.sim_scale)
+
+    def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
+        c = call.constants
+        call.ran_reference(q, k, v)
+        return ops.mala_attention(q, k, v, call.keys(mask, q.shape[0]), c["causal"], c["sim_scale"])
+
+
+VARIANT = MalaVariant()
