@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -283,6 +284,7 @@ def choose_variants(ctx: Context) -> None:
 def rewrite_attention(ctx: Context) -> None:
     """Replace each chosen site by its variant's call; sites kept or refused stay as they are."""
     before = read_nodes(ctx.gm.graph)
+    warn: dict[str, list[str]] = {}
     for state in ctx.sites:
         if state.match is None or state.variant is None or state.kind != "attention":
             continue
@@ -297,8 +299,12 @@ def rewrite_attention(ctx: Context) -> None:
             refusal = rewrite_sqa(ctx, state, call) if variant.rewrites_projections else _replace_site(ctx, state, call)
         if refusal:
             state.site.status, state.site.reason = "unsupported", refusal
+            if variant.warns_on_refusal:
+                warn.setdefault(variant.name, []).append(f"{state.module or '<root>'} (layer {state.layer}): {refusal}")
         else:
             state.site.status = "rewritten"
+    for name, problems in warn.items():
+        warnings.warn(f"attncc: {len(problems)} {name} site(s) left unchanged: " + "; ".join(problems), stacklevel=2)
     remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # not eliminate_dead_code: it drops dynamo's effectful nodes
     ctx.gm.graph.lint()
 

@@ -45,6 +45,7 @@ class Variant:
     kernel: ClassVar[str | None] = None  # its kernel template, None while it has none
     rewrites: ClassVar[bool] = True  # False for `keep`: the site stays as the model wrote it
     rewrites_projections: ClassVar[bool] = False  # the pass also rebuilds the projections (sqa)
+    warns_on_refusal: ClassVar[bool] = False  # refusals are also a compile-time warning, once per graph
 
     @property
     def name(self) -> str:

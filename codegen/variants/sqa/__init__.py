@@ -6,7 +6,6 @@ then runs softmax attention with the new head counts (variants/softmax).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -48,13 +47,13 @@ class SQAVariant(Variant):
     structures = ("none", "causal", "sliding_window", "other")
     takes_dropout = True
     rewrites_projections = True  # passes/sqa.py rebuilds the projections around the site
+    warns_on_refusal = True  # head counts that do not fit the policy are a mistake to see at compile time
 
     def check(self, site: SiteFacts, config: SQA) -> str | None:
         if None in (site.heads, site.kv_heads, site.head_dim) or len(site.q_shape) != 4:
             return "sqa needs 4-D [B, H, T, D] q/k/v with static head counts"
         counts = head_counts(site.heads, site.kv_heads, config)
-        if isinstance(counts, str):  # a policy that does not fit the model: say so at compile time too
-            warnings.warn(f"attncc: sqa site (layer {site.layer}) left unchanged: {counts}", stacklevel=2)
+        if isinstance(counts, str):
             return counts
         if counts == (site.heads, site.kv_heads) and config.query_heads is None:
             return "sqa with these heads is the identity"
