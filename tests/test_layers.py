@@ -32,3 +32,17 @@ def test_imports_point_downward(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     contracts = len(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"])
     assert f"Contracts: {contracts} kept, 0 broken" in result.stdout, result.stdout
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists the packages a wheel installs; a variant folder left out would import here (the
+    checkout is on the path) and be missing from an installed wheel."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"attncc"}
+    for folder, name in (("attncc", "attncc"), ("passes", "attncc.passes"), ("patterns", "attncc.patterns"),
+                         ("codegen", "attncc.codegen")):
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((name, *parts)))
+    assert found == listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}; " \
+                            f"remove: {sorted(listed - found)}"
