@@ -3,6 +3,8 @@ kernel path end to end under torch.compile (interpreted on the CPU, native on th
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaModel
@@ -164,6 +166,55 @@ def test_reference_ops_opcheck(name, rest, padded):
         key_padding = torch.ones(2, 9, dtype=torch.bool)
         key_padding[1, -2:] = False
     torch.library.opcheck(getattr(torch.ops.attncc, name).default, (q, k, v, *rest(key_padding)))
+
+
+@pytest.mark.parametrize("name,rest", REFERENCE_OP_CASES)
+def test_reference_op_gradients_are_the_references(name, rest):
+    """The op's backward (its own op, differentiating the reference) gives the reference's gradients."""
+    from attncc.codegen import variants
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 9, 8, generator=g, requires_grad=True) for h in (4, 2, 2))
+    key_padding = torch.ones(2, 9, dtype=torch.bool)
+    key_padding[0, :3] = False
+    args = rest(key_padding)
+    grad = torch.randn(2, 4, 9, 8, generator=g)
+    got = torch.autograd.grad(getattr(torch.ops.attncc, name)(q, k, v, *args), (q, k, v), grad)
+    module = {"linear_attention": variants.linear, "sparse_attention": variants.sparse,
+              "softplus_attention": variants.softplus, "mala_attention": variants.mala}[name]
+    want = torch.autograd.grad(module.ops.reference(q, k, v, *args), (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,rest", REFERENCE_OP_CASES[::2])
+def test_reference_op_backward_graph_does_not_grow_with_length(name, rest):
+    """AOT's backward graph holds one opaque backward op call at any length, not the reference traced
+    into it (whose chunked loops would make the first compile of a training step grow with N)."""
+    from torch._functorch.aot_autograd import aot_function
+    from functorch.compile import make_boxed_func
+
+    import attncc.codegen.variants  # noqa: F401
+
+    def backward_ops(length: int) -> list:
+        graphs = {}
+
+        def keep(kind):
+            def compiler(gm, _):
+                graphs[kind] = gm
+                return make_boxed_func(gm.forward)
+            return compiler
+
+        op = getattr(torch.ops.attncc, name)
+        q, k, v = (torch.randn(1, h, length, 8, requires_grad=True) for h in (4, 2, 2))
+        f = aot_function(lambda q, k, v: op(q, k, v, *rest(None)), keep("forward"), keep("backward"))
+        f(q, k, v).sum().backward()
+        return [n.target for n in graphs["backward"].graph.nodes if n.op == "call_function"]
+
+    short, long = backward_ops(16), backward_ops(640)
+    assert len(short) == len(long)
+    assert getattr(torch.ops.attncc, f"{name}_backward").default in short
+    assert all(t is operator.getitem or "attncc" in str(t) for t in short), short
 
 
 def _causal_masks(kind: str, t: int = 20) -> torch.Tensor:

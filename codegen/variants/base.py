@@ -143,12 +143,33 @@ def scaled(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[torch.Tensor, 
     return q, float(scale)
 
 
-def reference_op(op, reference: Callable, tensors: int) -> None:
-    """Register fake and autograd of a variant op that runs `reference(*inputs)`.
+_LIBRARY = torch.library.Library("attncc", "FRAGMENT")  # the reference ops' backward ops
 
-    Fake: a contiguous [B, H, Tq, Dv] in q's dtype. Autograd: recompute the reference under
-    autograd and differentiate with respect to q, k, v (the first three inputs; the other
-    `tensors - 3` tensor inputs, key padding and the like, get no gradient)."""
+
+def reference_op(op, reference: Callable, tensors: int) -> None:
+    """Register fake and autograd of a variant op that runs `reference(*inputs)`, and its backward op.
+
+    Fake: a contiguous [B, H, Tq, Dv] in q's dtype. Autograd calls `attncc::<op>_backward(grad,
+    *inputs) -> (dq, dk, dv)`, an op of its own that differentiates the reference (torch.func.vjp)
+    when it runs. So the backward graph holds one opaque call, not the reference traced into it: a
+    training step's compile time does not grow with the sequence length. q, k and v (the first three
+    inputs) get gradients; the other `tensors - 3` tensor inputs (key padding, decay rates) get none.
+    """
+    schema = str(op._opoverload._schema)  # attncc::<name>(<arguments>) -> Tensor
+    name = schema[schema.index("::") + 2:schema.index("(")] + "_backward"
+    arguments = schema[schema.index("(") + 1:schema.rindex(") ->")]
+    _LIBRARY.define(f"{name}(Tensor grad, {arguments}) -> (Tensor, Tensor, Tensor)")
+
+    def backward_impl(grad, q, k, v, *rest):
+        _, vjp = torch.func.vjp(lambda q, k, v: reference(q, k, v, *rest), q, k, v)
+        return tuple(g.contiguous() for g in vjp(grad.to(q.dtype)))
+
+    def backward_fake(grad, q, k, v, *rest):
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+    _LIBRARY.impl(name, backward_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"attncc::{name}", backward_fake, lib=_LIBRARY)
+    backward_op = getattr(torch.ops.attncc, name).default
 
     def fake(q, k, v, *rest):
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
@@ -159,11 +180,8 @@ def reference_op(op, reference: Callable, tensors: int) -> None:
 
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_() if t is not None and i < 3 else t for i, t in enumerate(saved)]
-            out = reference(*inputs, *ctx.constants)
-            grads = torch.autograd.grad(out, inputs[:3], grad, allow_unused=True)
-        return (*grads, *([None] * (len(saved) - 3 + len(ctx.constants))))
+        dq, dk, dv = backward_op(grad, *saved, *ctx.constants)
+        return (dq, dk, dv, *([None] * (len(saved) - 3 + len(ctx.constants))))
 
     op.register_fake(fake)
     op.register_autograd(backward, setup_context=setup_context)
