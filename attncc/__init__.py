@@ -2,6 +2,7 @@
 
     compiled = torch.compile(model, backend=attncc.backend("policy.yaml"))
     print(attncc.explain(model, example_args, "policy.yaml"))
+    compiled = attncc.compile(model, "policy.yaml")   # also prepares the model (AttnRes parameters, layer count)
 """
 
 from attncc.compiler import Backend, backend, last_report
@@ -9,7 +10,7 @@ from attncc.errors import AttnccError, MaskMismatch, PolicyError, VerificationEr
 from attncc.explain import explain
 from attncc.policy import Policy, dump_policy, load_policy
 from attncc.report import Report, Site
-from attncc.attnres import parameters, prepare
+from attncc.attnres import compile, parameters, prepare
 
 __all__ = [
     "AttnccError",
@@ -21,6 +22,7 @@ __all__ = [
     "Site",
     "VerificationError",
     "backend",
+    "compile",
     "dump_policy",
     "explain",
     "last_report",

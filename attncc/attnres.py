@@ -1,24 +1,82 @@
-"""AttnRes parameters in the user's model: created in one public place, before or at the first compile.
+"""AttnRes parameters in the user's model: created in one public place, `attncc.prepare`, never by the backend.
 
     attncc.prepare(model, policy, example_args)   # create them now (an optimizer built next sees them)
     attncc.parameters(model)                      # the ones attncc registered
+    compiled = attncc.compile(model, policy)      # the same, done on the first call, then torch.compile
+
+How the backend finds them without looking at dynamo's internals:
+
+1. prepare traces the model once (torch.compile with an eager attncc backend, inside
+   `passes.residual.discovering()`): the residual pass records what the stream needs (the aggregation
+   keys `sublayer_<l>` and `output`, hidden size, the norms' eps, dtype, device, the first sublayer's
+   module) and rewrites nothing.
+2. prepare creates `model.attncc_attnres` (zero queries, unit key-norm weights) on the model itself,
+   or reuses the existing one (checking its shapes), and registers the model (passes/model.remember).
+3. prepare installs a forward pre-hook (`Anchor`) on the stream's first sublayer module. Under
+   torch.compile it calls the marker op `attncc::attnres_anchor(params, keys, eps)`; dynamo traces the
+   parameters it reads like any other, so in every graph they are inputs (read from the model on every
+   call) and the anchor node names them. The residual pass uses those nodes and erases the anchor.
+   In eager calls the hook does nothing: the prepared model computes what it computed before.
+
+A graph that would rewrite a stream without an anchor (an unprepared model) fails with an AttnccError
+that says to call attncc.prepare or attncc.compile.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from attncc.compiler import Backend
-from attncc.errors import AttnccError
+from attncc.codegen.reference.attnres import attnres
+from attncc.compiler import Backend, keeping_last_report
+from attncc.errors import AttnccError, PolicyError
 from attncc.passes.model import remember
-from attncc.passes.residual import ATTRIBUTE
+from attncc.passes.residual import DEFAULT_EPS, StreamNeeds, attnres_anchor, discovering
+from attncc.policy import Policy, load_policy
+
+ATTRIBUTE = "attncc_attnres"
+
+# torch >= 2.13: the discovery trace's recompiles get their own count, so they never use up another compile's limit
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
+class DepthQuery(nn.Module):
+    """One AttnRes aggregation's parameters: the pseudo-query w (zeros) and the key RMSNorm (weight ones)."""
+
+    def __init__(self, dim: int, eps: float = DEFAULT_EPS, dtype: torch.dtype | None = None,
+                 device: torch.device | None = None):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        self.key_norm = nn.RMSNorm(dim, eps=eps, dtype=dtype, device=device)
+
+    def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
+        return attnres(sources, self.query, self.key_norm.weight, self.key_norm.eps)
+
+
+class AttnResParameters(nn.ModuleDict):
+    """`model.attncc_attnres`: a DepthQuery per aggregation, keyed "sublayer_<l>" and "output"."""
+
+
+class Anchor:
+    """The forward pre-hook prepare installs: under torch.compile, the marker op that puts the AttnRes
+    parameters into the traced graph (query and key-norm weight per key, in the container's order)."""
+
+    def __init__(self, container: AttnResParameters):
+        self.container = container
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            depth = list(self.container.values())
+            attnres_anchor([p for d in depth for p in (d.query, d.key_norm.weight)], ",".join(self.container.keys()),
+                           [float(d.key_norm.eps) for d in depth])
 
 
 def parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The AttnRes parameters attncc registered on `model` (empty before the first AttnRes compile)."""
+    """The AttnRes parameters attncc registered on `model` (empty before attncc.prepare)."""
     model = getattr(model, "_orig_mod", model)
     container = model._modules.get(ATTRIBUTE)
     return list(container.parameters()) if container is not None else []
@@ -26,23 +84,137 @@ def parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def prepare(model: nn.Module, policy: Any = None, example_args: Any = None,
             example_kwargs: dict | None = None) -> nn.Module:
-    """Make `model` known to attncc's backend and, given example inputs, create its AttnRes parameters now.
+    """Register `model` with attncc and, for a policy with `residual: attnres`, create its AttnRes parameters.
 
-    Without example inputs the parameters appear on the first compiled call; with them, one eager
-    trace of the model (a forward pass) creates them here, so that an optimizer built afterwards and
-    `model.load_state_dict` see them. Returns `model`.
+    `attncc.prepare(model)` only registers the model (whole-model facts such as Lightning decay's layer
+    count come from it). With an AttnRes policy, `example_args` (and `example_kwargs`) are needed: one
+    forward pass traced by dynamo finds the residual stream, then `model.attncc_attnres` is created (or,
+    when it exists, reused after checking its shapes), so that an optimizer built afterwards and
+    `model.load_state_dict` see the parameters. Call it again with the same policy: nothing changes.
+    Returns `model`.
     """
     model = getattr(model, "_orig_mod", model)
     remember(model)
+    if policy is None:
+        return model
+    policy = policy.policy if isinstance(policy, Backend) else load_policy(policy)
+    if policy.residual.variant == "keep":
+        return model
     if example_args is None:
-        return model
-    be = Backend(policy, inner="eager")
-    if be.policy.residual.variant == "keep":
-        return model
-    if not isinstance(example_args, (tuple, list)):
-        example_args = (example_args,)
-    torch.compile(model, backend=be)(*example_args, **(example_kwargs or {}))
-    if not parameters(model):
-        name = type(model).__name__
-        raise AttnccError(f"attncc.prepare found no residual stream to rewrite in {name}:\n{be.report}")
+        raise AttnccError("attncc.prepare(model, policy) with residual: attnres needs example inputs to find the "
+                          "residual stream: attncc.prepare(model, policy, example_args[, example_kwargs])")
+    needs = _discover(model, policy, example_args, example_kwargs or {})
+    container = _container(model, needs)
+    _install_anchor(model, needs.module, container)
+    remember(model)
     return model
+
+
+def _discover(model: nn.Module, policy: Policy, args: Any, kwargs: dict) -> StreamNeeds:
+    """Trace one forward pass (policy: this residual rewrite, attention kept) and return what the stream needs."""
+    if not isinstance(args, (tuple, list)):
+        args = (args,)
+    be = Backend(Policy(name=policy.name, target=policy.target, residual=policy.residual, source=policy.source),
+                 inner="eager")
+    # an entry function of its own: its compiled entries are not the model's and go with it
+    scope = getattr(type(model).forward, "__globals__", _call.__globals__)
+    trace = torch.compile(types.FunctionType(_call.__code__.replace(), scope, "_call"), backend=be, dynamic=False,
+                          **_ISOLATED)
+    try:
+        with keeping_last_report(), discovering() as found:
+            trace(model, tuple(args), kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        inner = getattr(err, "inner_exception", None)
+        if isinstance(inner, (PolicyError, AttnccError)):
+            raise inner from err
+        raise
+    distinct = list(dict.fromkeys(found))
+    if not distinct:
+        raise AttnccError(f"attncc.prepare found no residual stream to rewrite in {type(model).__name__}:\n"
+                          f"{be.report}")
+    if len(distinct) > 1:
+        raise AttnccError(f"attncc.prepare found {len(distinct)} residual streams in {type(model).__name__} (one per "
+                          "graph: an encoder-decoder, or graph breaks?); AttnRes rewrites a single stream")
+    return distinct[0]
+
+
+def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    return model(*args, **kwargs)
+
+
+def _container(model: nn.Module, needs: StreamNeeds) -> AttnResParameters:
+    """model.attncc_attnres with a DepthQuery per key the stream needs: the existing ones, checked, else new."""
+    container = model._modules.get(ATTRIBUTE)
+    if container is None:
+        container = AttnResParameters()
+        model.add_module(ATTRIBUTE, container)
+    elif not isinstance(container, AttnResParameters):
+        raise AttnccError(f"{type(model).__name__}.{ATTRIBUTE} exists and is not attncc's AttnResParameters")
+    unknown = sorted(set(container) - set(needs.keys))
+    if unknown:
+        raise AttnccError(f"{ATTRIBUTE} has {', '.join(unknown)}, which this model's residual stream does not have "
+                          f"(it needs {', '.join(needs.keys)}): it was prepared for another model or policy")
+    for key in needs.keys:
+        if key not in container:
+            with torch.inference_mode(False), torch.no_grad():
+                container[key] = DepthQuery(needs.dim, needs.eps, dtype=needs.dtype, device=needs.device)
+        depth = container[key]
+        for name, p in (("query", depth.query), ("key_norm.weight", depth.key_norm.weight)):
+            if tuple(p.shape) != (needs.dim,):
+                raise AttnccError(f"{ATTRIBUTE}.{key}.{name} has shape {tuple(p.shape)}, but the residual stream "
+                                  f"has hidden size {needs.dim}")
+    return container
+
+
+def _install_anchor(model: nn.Module, path: str, container: AttnResParameters) -> None:
+    """The Anchor hook on the stream's first sublayer module (the model itself when the path is not found there),
+    replacing any earlier one: in the graph of the stream whenever the stream is whole in one graph."""
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, Anchor):
+                del module._forward_pre_hooks[key]
+    try:
+        owner = model.get_submodule(path) if path else model
+    except AttributeError:
+        owner = model
+    owner.register_forward_pre_hook(Anchor(container))
+
+
+class Compiled:
+    """What attncc.compile returns: torch.compile's module, whose first call prepares the model.
+
+    Attributes other than the call are torch.compile's (`.train()`, `.parameters()`, `._orig_mod`, ...).
+    """
+
+    def __init__(self, model: nn.Module, backend: Backend, torch_compile_kwargs: dict):
+        self._attncc_backend = backend
+        self._attncc_pending = backend.policy.residual.variant != "keep"
+        self._attncc_compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._attncc_pending:
+            prepare(self._attncc_compiled._orig_mod, self._attncc_backend.policy, args, kwargs)
+            self._attncc_pending = False
+        return self._attncc_compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            compiled = self.__dict__["_attncc_compiled"]
+        except KeyError:
+            raise AttributeError(name) from None
+        return getattr(compiled, name)
+
+
+def compile(model: nn.Module, policy: Any = None, **torch_compile_kwargs: Any) -> Compiled:  # noqa: A001
+    """`torch.compile(model, backend=attncc.backend(policy), **torch_compile_kwargs)`, with the model prepared.
+
+    The model is registered now; when the policy uses AttnRes, the first call runs
+    `attncc.prepare(model, policy, args, kwargs)` with that call's arguments (one extra traced forward
+    pass), so the AttnRes parameters exist before anything is compiled. Build an optimizer after the first
+    call, or call attncc.prepare yourself first. `policy` may also be a backend: `attncc.backend(policy,
+    inner="aot_eager")`.
+    """
+    model = getattr(model, "_orig_mod", model)
+    remember(model)
+    backend = policy if isinstance(policy, Backend) else Backend(policy)
+    return Compiled(model, backend, torch_compile_kwargs)

@@ -5,8 +5,8 @@
 
 The model is a small Llama from transformers' code (random init, so "fine-tuning" here learns a
 fixed synthetic sequence); swap `build_model` for `AutoModelForCausalLM.from_pretrained(...)` to
-convert a real checkpoint. The optimizer is built after `attncc.prepare`, so it also trains the
-parameters a policy adds (AttnRes queries and key norms).
+convert a real checkpoint. `attncc.prepare` creates the parameters a policy adds (AttnRes queries and
+key norms) on the model, so the optimizer built after it also trains them; the backend only reads them.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
 
     model = build_model().train()
     tokens = torch.randint(0, 128, (4, 48), generator=torch.Generator().manual_seed(1))
+    attncc.prepare(model, policy, (tokens,), {"use_cache": False})  # creates the AttnRes parameters
     print(attncc.explain(model, (tokens,), policy, {"use_cache": False}))
-
-    attncc.prepare(model, policy, (tokens,), {"use_cache": False})
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     compiled = torch.compile(model, backend=attncc.backend(policy, inner=args.inner))
     losses = []

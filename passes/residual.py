@@ -7,36 +7,40 @@ where the last add's output goes (the final norm, or the output for a post-norm 
 rewrite_residual (policy `residual: {variant: attnres, block_size: S}`) replaces each sublayer's
 input by an aggregation over its sources, exactly as `attncc.codegen.reference.attnres.attnres_stream`
 computes it: the adds become block partial sums, and an output aggregation replaces the stream that
-the final norm reads. Its parameters are real nn.Parameters registered on the user's model:
+the final norm reads.
 
-    model.attncc_attnres                 AttnResParameters (an nn.ModuleDict)
-        .sublayer_<l>.query              w_l, zeros(d)      for every sublayer l >= 1 (sublayer 0
-        .sublayer_<l>.key_norm.weight    g_l, ones(d)        has one source and is the identity)
-        .output.query / .output.key_norm.weight
+Its parameters are never created here. `attncc.prepare(model, policy, example_args)` (attncc/attnres.py)
+creates them on the model, as `model.attncc_attnres.<key>.query` and `.key_norm.weight` for the keys
+`sublayer_<l>` (l >= 1; sublayer 0 has one source and is the identity) and `output`, and installs a
+forward pre-hook on the stream's first sublayer module. Under torch.compile that hook calls the marker op
 
-so they are in model.state_dict() and model.parameters(); `attncc.parameters(model)` lists them. The
-graph reads them through get_attr nodes holding the same objects, so AOT autograd lifts them as
-parameters and their gradients land on the model. A recompile finds them on the model and reuses them.
+    attncc::attnres_anchor(Tensor[] params, str keys, float[] eps) -> ()
 
-The backend receives only the GraphModule, so the model is found from dynamo's record of where each
-parameter came from: a parameter placeholder's `grapharg.source` (e.g. `L['self']._modules['h']...`)
-is walked from its root in the frame being compiled (`InstructionTranslator.current_tx()`), and the
-first nn.Module on the way that owns the parameter is the model. An ID_MATCH guard on that source
-makes another instance of the same class recompile (and get its own parameters) instead of reusing
-this graph (passes/model.py). Models prepared with `attncc.prepare(model)` are also found without dynamo's help.
+so dynamo traces the parameters like any other tensor the model reads: they are graph inputs
+(placeholders, fetched from the model on every call), and the anchor node says which input is which
+(`keys` comma-joined, two params per key: query, key-norm weight). This pass takes those nodes, uses
+them in the rewrite and erases the anchor. Nothing about the model is looked up at compile time, so
+there is no guard to install: another instance of the same class reuses the graph with its own
+parameters, their gradients land on the model, and a recompile traces the hook again. Outside
+torch.compile the hook does nothing, so eager calls compute the original model.
+
+A graph whose stream would be rewritten but that has no anchor (the model was never prepared) fails
+with an AttnccError naming the fix. Inside `discovering()` (what attncc.prepare traces with) the pass
+instead records what each stream needs (`StreamNeeds`: keys, hidden size, eps, dtype, device, the
+first sublayer's module) and leaves the graph as it is; its sites are reported as the rewrite would.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
-import warnings
+import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from attncc.codegen.reference.attnres import attnres
 from attncc.errors import AttnccError
@@ -46,29 +50,52 @@ from attncc.patterns.residual import NoMatch, ResidualMatch, match_residual, nor
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .model import find_model
 
 log = logging.getLogger("attncc")
 
-ATTRIBUTE = "attncc_attnres"
 DEFAULT_EPS = 1e-6
+UNPREPARED = ("call attncc.prepare(model, policy, example_args) before compiling, or use "
+              "attncc.compile(model, policy)")
 
 
-class DepthQuery(nn.Module):
-    """One AttnRes aggregation's parameters: the pseudo-query w (zeros) and the key RMSNorm (weight ones)."""
-
-    def __init__(self, dim: int, eps: float = DEFAULT_EPS, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None):
-        super().__init__()
-        self.query = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
-        self.key_norm = nn.RMSNorm(dim, eps=eps, dtype=dtype, device=device)
-
-    def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
-        return attnres(sources, self.query, self.key_norm.weight, self.key_norm.eps)
+@torch.library.custom_op("attncc::attnres_anchor", mutates_args=())
+def attnres_anchor(params: list[torch.Tensor], keys: str, eps: list[float]) -> None:
+    """Marks, in a traced graph, the AttnRes parameters of the stream (see the module docstring)."""
 
 
-class AttnResParameters(nn.ModuleDict):
-    """`model.attncc_attnres`: a DepthQuery per aggregation, keyed "sublayer_<l>" and "output"."""
+@attnres_anchor.register_fake
+def _(params: list[torch.Tensor], keys: str, eps: list[float]) -> None:
+    return None
+
+
+ANCHOR = torch.ops.attncc.attnres_anchor.default
+torch.fx.node.has_side_effect(ANCHOR)  # no output: dead-code elimination must not drop it before this pass
+
+
+@dataclass(frozen=True)
+class StreamNeeds:
+    """What one stream's AttnRes needs, as a discovery trace (attncc.prepare) records it."""
+
+    keys: tuple[str, ...]  # sublayer_1 ... sublayer_<n-1>, output
+    dim: int
+    eps: float
+    dtype: torch.dtype
+    device: torch.device
+    module: str  # the first sublayer's module path (relative to the compiled root): where the anchor goes
+
+
+_DISCOVERY = threading.local()
+
+
+@contextlib.contextmanager
+def discovering() -> Iterator[list[StreamNeeds]]:
+    """Inside: rewrite_residual records each stream's needs into the yielded list instead of rewriting."""
+    outer = getattr(_DISCOVERY, "found", None)
+    _DISCOVERY.found = found = []
+    try:
+        yield found
+    finally:
+        _DISCOVERY.found = outer
 
 
 def find_residual(ctx: Context) -> None:
@@ -92,7 +119,7 @@ def find_residual(ctx: Context) -> None:
                         reason=_describe(stream, index) + "; policy: keep")
             ctx.add_site(site, match)  # state.variant stays None: rewrite_attention skips the site
             ctx.count(match.pattern)
-    _number_layers([s for s in ctx.sites if s.site.kind == "residual"])
+    _number_layers([s for s in ctx.sites if s.kind == "residual"])
 
 
 def _attention_nodes(ctx: Context):
@@ -100,10 +127,10 @@ def _attention_nodes(ctx: Context):
     anchors: set[fx.Node] = set()
     unmatched: set[str] = set()
     for state in ctx.sites:
-        if state.site.kind != "attention":
+        if state.kind != "attention":
             continue
         if state.match is None:
-            unmatched.add(state.site.module)
+            unmatched.add(state.module)
         else:
             anchors.update((state.match.anchor, state.match.output))
 
@@ -180,31 +207,92 @@ def _number_layers(states: list[SiteState]) -> None:
     """Sites whose module path has no index: an MLP after an attention shares its block, else a new block."""
     last, previous = -1, None
     for state in states:
-        if state.site.layer is None:
+        if state.layer is None:
             if last < 0 or not (previous == "attention" and state.match.sublayer == "mlp"):
                 last += 1
-            state.site.layer = last
-        last, previous = state.site.layer, state.match.sublayer
+            state.layer = last
+        last, previous = state.layer, state.match.sublayer
 
 
 def rewrite_residual(ctx: Context) -> None:
     """Rewrite the residual stream into AttnRes when the policy asks for it; `keep` leaves it alone."""
-    states = [s for s in ctx.sites if s.site.kind == "residual"]
+    anchors = _take_anchors(ctx.gm.graph)  # the marker op never reaches the inner compiler
+    states = [s for s in ctx.sites if s.kind == "residual"]
     variant = ctx.policy.residual
     if not states or variant.variant == "keep":
         return
+    discovery = getattr(_DISCOVERY, "found", None)
     before = read_nodes(ctx.gm.graph)
     state_of = {id(s.match): s for s in states}
     streams = _streams([s.match for s in states])
     for stream in streams:
         problem = _refusal(stream, len(streams))
+        stream_states = [state_of[id(m)] for m in stream.matches]
         if problem:
-            for m in stream.matches:
-                state_of[id(m)].site.status, state_of[id(m)].site.reason = "unsupported", problem
+            for state in stream_states:
+                state.site.status, state.site.reason = "unsupported", problem
             continue
-        _rewrite_stream(ctx, stream, variant.block_size, [state_of[id(m)] for m in stream.matches])
+        needs = _needs(stream)
+        reasons = [_describe(stream, l) + "; " + _conversion(stream, l, variant.block_size)
+                   for l in range(len(stream.matches))]  # before the rewrite rewires what they describe
+        if discovery is not None:  # attncc.prepare's trace: record, report what the rewrite will do
+            discovery.append(needs)
+        else:
+            _rewrite_stream(ctx, stream, variant.block_size, _parameters(anchors, needs))
+        for state, reason in zip(stream_states, reasons):
+            state.site.status, state.site.reason, state.site.kernel = "rewritten", reason, "reference"
     remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # eliminate_dead_code would drop dynamo's effect nodes
     ctx.gm.graph.lint()
+
+
+Parameters = dict[str, tuple[fx.Node, fx.Node, float]]  # key -> (query, key-norm weight, eps)
+
+
+def _take_anchors(graph: fx.Graph) -> Parameters | None:
+    """The AttnRes parameters the anchor op names (None without one); every anchor node is erased."""
+    found: Parameters | None = None
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (ANCHOR, torch.ops.attncc.attnres_anchor):
+            continue
+        args = {**dict(zip(("params", "keys", "eps"), node.args)), **node.kwargs}
+        params, keys, eps = args["params"], [k for k in args["keys"].split(",") if k], args["eps"]
+        if found is None and len(params) == 2 * len(keys) == 2 * len(eps):
+            found = {key: (params[2 * i], params[2 * i + 1], float(eps[i])) for i, key in enumerate(keys)}
+        graph.erase_node(node)
+    return found
+
+
+def _needs(stream: Stream) -> StreamNeeds:
+    """Keys, hidden size, eps (the model's own norms'), dtype and device (of the stream's parameters)."""
+    keys = tuple(f"sublayer_{l}" for l in range(1, len(stream.matches))) + ("output",)
+    eps = next((m.norm_eps for m in stream.matches if m.norm_eps is not None), DEFAULT_EPS)
+    values = [meta_value(p) for m in stream.matches for p in m.params] + [meta_value(stream.start)]
+    like = next(v for v in values if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return StreamNeeds(keys, static_int(shape_of(stream.start)[-1]), float(eps), like.dtype, like.device,
+                       stream.matches[0].module)
+
+
+def _parameters(anchors: Parameters | None, needs: StreamNeeds) -> Parameters:
+    """The anchor's parameters for this stream, checked against what it needs."""
+    if anchors is None:
+        raise AttnccError(
+            f"policy residual: attnres needs AttnRes parameters on the model (one query and one key norm per "
+            f"aggregation, {len(needs.keys)} here), and attncc creates them only in attncc.prepare; this graph "
+            f"has none (the model was not prepared): {UNPREPARED}."
+        )
+    missing = [key for key in needs.keys if key not in anchors]
+    if missing:
+        raise AttnccError(
+            f"the model's attncc_attnres has no {', '.join(missing)}: it was prepared for another residual stream "
+            f"(this one needs {', '.join(needs.keys)}); {UNPREPARED}."
+        )
+    for key in needs.keys:
+        for node, what in zip(anchors[key][:2], ("query", "key_norm.weight")):
+            shape = shape_of(node)
+            if shape is None or tuple(static_int(n) for n in shape) != (needs.dim,):
+                raise AttnccError(f"attncc_attnres.{key}.{what} has shape {shape}, but the stream has hidden size "
+                                  f"{needs.dim}; {UNPREPARED}.")
+    return {key: anchors[key] for key in needs.keys}
 
 
 def _refusal(stream: Stream, n_streams: int) -> str | None:
@@ -226,14 +314,8 @@ def _refusal(stream: Stream, n_streams: int) -> str | None:
     return None
 
 
-def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, states: list[SiteState]) -> None:
+def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Parameters) -> None:
     """Replace sublayer l's input by attnres(sources_l) and the stream's end by the output aggregation."""
-    model, source, like = find_model(ctx, [p for m in stream.matches for p in m.params])
-    dim = static_int(shape_of(stream.start)[-1])
-    eps = next((m.norm_eps for m in stream.matches if m.norm_eps is not None), DEFAULT_EPS)
-    keys = [f"sublayer_{l}" for l in range(1, len(stream.matches))] + ["output"]
-    queries = _depth_queries(model, keys, dim, eps, like)
-    reasons = [_describe(stream, l) + "; " + _conversion(stream, l, block_size) for l in range(len(stream.matches))]
     graph = ctx.gm.graph
     created: set[fx.Node] = set()
     cursor = stream.start
@@ -249,11 +331,8 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, states: list[
     def aggregate(sources: list[fx.Node], key: str, like_node: fx.Node) -> fx.Node:
         if len(sources) == 1:
             return sources[0]
-        depth = queries[key]
-        query = insert("get_attr", _gm_parameter(ctx.gm, source, (key, "query"), depth.query))
-        weight = depth.key_norm.weight
-        norm_weight = insert("get_attr", _gm_parameter(ctx.gm, source, (key, "key_norm", "weight"), weight))
-        node = insert("call_function", attnres, (list(sources), query, norm_weight), {"eps": depth.key_norm.eps})
+        query, norm_weight, eps = params[key]
+        node = insert("call_function", attnres, (list(sources), query, norm_weight), {"eps": eps})
         node.meta["example_value"] = meta_value(like_node)
         node.meta["nn_module_stack"] = dict(like_node.meta.get("nn_module_stack", {}))
         return node
@@ -264,7 +343,7 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, states: list[
 
     blocks: list[fx.Node] = [stream.start]
     partial: fx.Node | None = None
-    for l, (match, state) in enumerate(zip(stream.matches, states)):
+    for l, match in enumerate(stream.matches):
         sources = blocks + ([partial] if partial is not None else [])
         if l > 0:
             redirect(match.stream, aggregate(sources, f"sublayer_{l}", match.stream))
@@ -274,10 +353,8 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, states: list[
         if (l + 1) % block_size == 0:
             blocks.append(partial)
             partial = None
-        state.site.status, state.site.reason, state.site.kernel = "rewritten", reasons[l], "reference"
     final = blocks + ([partial] if partial is not None else [])
     redirect(stream.end, aggregate(final, "output", stream.end))
-    _guard_identity(source)
 
 
 def _conversion(stream: Stream, l: int, block_size: int) -> str:
@@ -298,65 +375,3 @@ def _raw_readers(stream: Stream) -> list[str]:
     adds = {m.add for m in stream.matches}
     values = [m.output for m in stream.matches]
     return sorted({u.name for v in values for u in v.users if u not in adds and not norm_kind(u)})
-
-
-def _gm_parameter(gm: fx.GraphModule, model_source: Any, path: tuple[str, ...], param: nn.Parameter) -> str:
-    """Register `param` on the GraphModule (for a get_attr node) and tell AOT autograd where it lives.
-
-    AOT autograd lifts a dynamo GraphModule's own parameters as inputs and looks each one up in
-    `gm._param_name_to_source`; the source is `<model>.attncc_attnres.<key>...`.
-    """
-    name = "_".join((ATTRIBUTE, *path))
-    if getattr(gm, name, None) is not param:
-        gm.register_parameter(name, param)
-    sources = getattr(gm, "_param_name_to_source", None)
-    if isinstance(sources, dict):
-        sources[name] = _attribute_source(model_source, (ATTRIBUTE, *path), name)
-    return name
-
-
-def _attribute_source(base: Any, path: tuple[str, ...], name: str) -> Any:
-    from torch._dynamo.source import AttrSource, ConstantSource
-
-    if base is None:
-        return ConstantSource(name)
-    for member in path:
-        base = AttrSource(base, member)
-    return base
-
-
-def _depth_queries(model: nn.Module, keys: Iterable[str], dim: int, eps: float,
-                   like: torch.Tensor) -> dict[str, DepthQuery]:
-    """The model's DepthQuery for each key: the existing one (a recompile), else a new zero-query one."""
-
-    container = model._modules.get(ATTRIBUTE)
-    if container is None:
-        container = AttnResParameters()
-        model.add_module(ATTRIBUTE, container)
-    elif not isinstance(container, AttnResParameters):
-        raise AttnccError(f"{type(model).__name__}.{ATTRIBUTE} exists and is not attncc's AttnResParameters")
-    out = {}
-    for key in keys:
-        if key not in container:
-            with torch.inference_mode(False), torch.no_grad():
-                container[key] = DepthQuery(dim, eps, dtype=like.dtype, device=like.device)
-        module = container[key]
-        if module.query.shape != (dim,):
-            raise AttnccError(f"{ATTRIBUTE}.{key}.query has shape {tuple(module.query.shape)}, but the stream has "
-                              f"hidden size {dim}")
-        out[key] = module
-    return out
-
-
-def _guard_identity(source: Any) -> None:
-    """Guard the compiled graph on the model's identity: its get_attr parameters belong to this model."""
-    if source is None:
-        return
-    try:
-        from torch._dynamo.guards import GuardBuilder, install_guard
-
-        install_guard(source.make_guard(GuardBuilder.ID_MATCH))
-    except Exception as error:
-        warnings.warn(f"attncc could not guard the compiled graph on the model's identity ({error}); another "
-                      "instance of the same class compiled with this backend may reuse this model's AttnRes "
-                      "parameters. Use one backend per model.", stacklevel=2)

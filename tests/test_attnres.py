@@ -4,7 +4,8 @@ Levels: the reference aggregation against the spec's oracle (zero queries == the
 net); the rewritten graph against an AttnRes forward written here with explicit loops (nonzero
 queries loaded through model.state_dict()); function preservation on GPT-2 and Llama's own code;
 gradients, training, state_dict round trips and recompiles, which all need the parameters to be
-real parameters of the model.
+real parameters of the model; where they come from: only attncc.prepare (or attncc.compile, which calls
+it) creates them, and the backend reads them from the graph's inputs.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ def _policy(block_size: int) -> dict:
 
 
 def _compile(model, block_size: int):
+    """attncc.compile: its first call prepares the model (creates the AttnRes parameters), then compiles."""
     be = attncc.backend(_policy(block_size), inner="aot_eager")
-    return torch.compile(model, backend=be), be
+    return attncc.compile(model, be), be
+
+
+def _inner_error(excinfo) -> BaseException:
+    """What the backend raised: dynamo wraps backend errors in BackendCompilerFailed."""
+    return getattr(excinfo.value, "inner_exception", None) or excinfo.value
 
 
 def _residual(report):
@@ -315,36 +322,79 @@ def test_recompile_reuses_the_parameters():
     assert all(p.grad is not None for p in before[::2])
 
 
-def test_each_model_instance_gets_its_own_parameters():
-    """Graphs reference a model's parameters, so a second instance of the class must recompile."""
+def test_two_instances_with_one_backend_each_use_their_own_parameters():
+    """The parameters are graph inputs, not constants of a graph: a second instance of the class may reuse the
+    first one's graph (no guard on the model), and it computes with its own parameters."""
     torch.manual_seed(0)
-    first, args, kwargs, _ = zoo.llama("sdpa")
-    second, *_ = zoo.llama("sdpa")
-    be = attncc.backend(_policy(1), inner="aot_eager")
-    torch.compile(first, backend=be)(*args, **kwargs)
-    out = torch.compile(second, backend=be)(*args, **kwargs)[0]
-    assert len(be.reports) == 2
+    ids = torch.randint(0, 64, (2, 9))
+    first, second = TinyPreNorm(nn.LayerNorm), TinyPreNorm(nn.LayerNorm)
+    for seed, model in enumerate((first, second)):
+        attncc.prepare(model, _policy(2), (ids,))
+        _randomize_attnres(model, seed=seed + 1)
+    be = attncc.backend(_policy(2), inner="aot_eager")
+    outs = [torch.compile(model, backend=be)(ids) for model in (first, second)]
     assert not {id(p) for p in attncc.parameters(first)} & {id(p) for p in attncc.parameters(second)}
-    (out * torch.randn_like(out)).sum().backward()
+    for model, out in zip((first, second), outs):
+        torch.testing.assert_close(out, attnres_forward(model, ids, 2, model.ln_f.eps), rtol=1e-5, atol=1e-5)
+    (outs[1] * torch.randn_like(outs[1])).sum().backward()
     assert all(p.grad is None for p in attncc.parameters(first))
-    assert all(p.grad is not None for p in attncc.parameters(second))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attncc.parameters(second))
 
 
-def test_model_not_found_says_how_to_fix_it(monkeypatch):
-    import attncc.passes.model as model_facts
+def test_a_deep_copy_of_a_prepared_model_uses_its_own_parameters():
+    import copy
 
-    monkeypatch.setattr(model_facts, "model_from_dynamo", lambda node, param: None)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (2, 9))
+    model = TinyPreNorm(nn.LayerNorm)
+    attncc.prepare(model, _policy(1), (ids,))
+    clone = copy.deepcopy(model)
+    _randomize_attnres(clone)
+    out = torch.compile(clone, backend=attncc.backend(_policy(1), inner="aot_eager"))(ids)
+    torch.testing.assert_close(out, attnres_forward(clone, ids, 1, clone.ln_f.eps), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_without_prepare_says_what_to_do():
     model = TinyPreNorm(nn.LayerNorm, layers=1)
     ids = torch.randint(0, 64, (2, 5))
-    with pytest.raises(Exception, match=r"attncc\.prepare\(model\)"):
-        _compile(model, 1)[0](ids)
+    be = attncc.backend(_policy(1), inner="aot_eager")
+    with pytest.raises(Exception) as excinfo:
+        torch.compile(model, backend=be)(ids)
+    error = _inner_error(excinfo)
+    assert isinstance(error, attncc.AttnccError)
+    assert "call attncc.prepare(model, policy, example_args) before compiling, or use attncc.compile(model, policy)" \
+        in str(error)
+    assert attncc.parameters(model) == [] and not hasattr(model, "attncc_attnres")
 
     torch._dynamo.reset()
-    attncc.prepare(model)  # no example inputs: only makes the model known to the backend
+    attncc.prepare(model)  # without a policy: only registers the model, creates nothing
     assert attncc.parameters(model) == []
-    compiled, be = _compile(model, 1)
-    compiled(ids)
-    assert len(attncc.parameters(model)) == 2 * 2  # sublayer_1 and the output: query + key norm each
+    with pytest.raises(Exception, match=r"attncc\.prepare"):
+        torch.compile(model, backend=attncc.backend(_policy(1), inner="aot_eager"))(ids)
+    with pytest.raises(attncc.AttnccError, match="example inputs"):
+        attncc.prepare(model, _policy(1))
+
+
+def test_attncc_compile_end_to_end():
+    """attncc.compile prepares on its first call: the output equals eager at init (pre-norm, zero queries), the
+    AttnRes parameters get gradients, and an optimizer built after the first call trains them."""
+    torch.manual_seed(0)
+    model = _llama(1e-12)
+    ids = torch.randint(0, 128, (2, 11))
+    ref = model(ids)[0]
+    be = attncc.backend(_policy(2), inner="aot_eager")
+    compiled = attncc.compile(model, be)
+    assert attncc.parameters(model) == []  # nothing happens before the first call
+    out = compiled(ids)[0]
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert len(attncc.parameters(model)) == 2 * 6 and attncc.parameters(compiled) == attncc.parameters(model)
+    assert all(s.status == "rewritten" for s in _residual(be.report)), be.report
+    (out * torch.randn_like(out)).sum().backward()
+    queries = [m.query for m in model.attncc_attnres.values()]
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in queries)
+    assert len(be.reports) == 1  # prepare's trace is not the backend's
+    compiled.eval()  # other attributes are torch.compile's module's
+    assert not model.training
 
 
 def test_prepare_creates_parameters_before_the_first_compile():
@@ -361,6 +411,51 @@ def test_prepare_creates_parameters_before_the_first_compile():
     assert all(a is b for a, b in zip(attncc.parameters(model), created))
 
 
+def test_prepare_is_idempotent():
+    torch.manual_seed(0)
+    model = TinyPreNorm(nn.LayerNorm, layers=2)
+    ids = torch.randint(0, 64, (2, 5))
+    attncc.prepare(model, _policy(1), (ids,))
+    _randomize_attnres(model)
+    created = attncc.parameters(model)
+    values = [p.detach().clone() for p in created]
+    attncc.prepare(model, _policy(1), (torch.randint(0, 64, (3, 7)),))
+    assert all(a is b for a, b in zip(attncc.parameters(model), created)) and len(attncc.parameters(model)) == 8
+    assert all(torch.equal(p, v) for p, v in zip(created, values))
+    hooks = [h for m in model.modules() for h in m._forward_pre_hooks.values()]
+    assert len(hooks) == 1  # the anchor is replaced, not added again
+
+    with torch.no_grad():  # parameters of the wrong shape: a clear error, not a silent new set
+        model.attncc_attnres["output"].query = nn.Parameter(torch.zeros(D + 1))
+    with pytest.raises(attncc.AttnccError, match=r"attncc_attnres\.output\.query has shape \(33,\)"):
+        attncc.prepare(model, _policy(1), (ids,))
+
+
+def test_eager_calls_of_a_prepared_model_compute_the_original_model():
+    torch.manual_seed(0)
+    model = TinyPreNorm(nn.LayerNorm, layers=2)
+    ids = torch.randint(0, 64, (2, 5))
+    before = model(ids)
+    attncc.prepare(model, _policy(1), (ids,))
+    _randomize_attnres(model)
+    assert torch.equal(model(ids), before)
+
+
+def test_recompiles_for_a_new_length_reuse_the_parameters_with_dynamic_shapes():
+    torch.manual_seed(0)
+    model = TinyPreNorm(nn.LayerNorm, layers=2)
+    compiled, be = _compile(model, 1)
+    compiled(torch.randint(0, 64, (2, 5)))
+    _randomize_attnres(model)
+    created = attncc.parameters(model)
+    for length in (7, 9):  # 7: dynamo recompiles with a symbolic length; 9 runs that graph
+        ids = torch.randint(0, 64, (2, length))
+        torch.testing.assert_close(compiled(ids), attnres_forward(model, ids, 1, model.ln_f.eps), rtol=1e-5,
+                                   atol=1e-5)
+    assert len(be.reports) == 2 and all(s.status == "rewritten" for s in _residual(be.reports[1]))
+    assert all(a is b for a, b in zip(attncc.parameters(model), created))
+
+
 class GraphBreak(TinyPreNorm):
     def forward(self, ids):
         x = self.embed(ids)
@@ -374,7 +469,10 @@ def test_a_stream_split_by_a_graph_break_is_left_alone():
     torch.manual_seed(0)
     model = GraphBreak(nn.LayerNorm, layers=2)
     ids = torch.randint(0, 64, (2, 5))
-    compiled, be = _compile(model, 1)
+    with pytest.raises(attncc.AttnccError, match="found no residual stream to rewrite"):
+        attncc.prepare(model, _policy(1), (ids,))
+    be = attncc.backend(_policy(1), inner="aot_eager")
+    compiled = torch.compile(model, backend=be)  # unprepared, and no error: no stream would be rewritten
     torch.testing.assert_close(compiled(ids), model(ids))
     sites = _residual(be.report)
     assert sites and all(s.status == "unsupported" and "graph break" in s.reason for s in sites), be.report

@@ -338,6 +338,7 @@ def test_lightning_decay_reads_the_layer_count_from_the_model():
     for graph_break in (False, True):
         torch.manual_seed(0)
         model = Stack(graph_break)
+        attncc.prepare(model)  # registers the model: lightning decay reads its layer count
         be = attncc.backend(policy, inner="aot_eager")
         with torch.no_grad():
             outs.append(torch.compile(model, backend=be)(x))
@@ -357,12 +358,29 @@ def test_lightning_decay_refuses_a_site_whose_layer_is_unknown():
                                    num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64,
                                    attn_implementation="sdpa")).eval()
     model.layers[0].register_forward_hook(lambda *_: torch._dynamo.graph_break())
+    attncc.prepare(model)  # registered: what is unknown here is the layer, not the model
     be = attncc.backend({"attention": {"variant": "linear", "decay": "lightning"}}, inner="aot_eager")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.compile(model, backend=be)(torch.randint(0, VOCAB, (B, T)))
     sites = be.report.attention()
     assert sites and all(s.status == "unsupported" and "number of layers" in s.reason for s in sites), be.report
+
+
+def test_lightning_decay_refuses_a_model_that_was_not_registered():
+    """The layer count comes from the model registered by attncc.prepare / attncc.compile, never from dynamo's
+    frame: a plain torch.compile of an unregistered model refuses the site (and says how to register it)."""
+    policy = {"attention": {"variant": "linear", "decay": "lightning", "normalize": False, "feature_map": "relu"}}
+    model = Stack(graph_break=False)
+    be = attncc.backend(policy, inner="aot_eager")
+    with torch.no_grad():
+        torch.compile(model, backend=be)(torch.randn(B, T, C))
+    sites = be.report.attention()
+    assert sites and all(s.status == "unsupported" and "number of layers" in s.reason for s in sites), be.report
+    be = attncc.backend(policy, inner="aot_eager")
+    with torch.no_grad():
+        attncc.compile(model, be)(torch.randn(B, T, C))  # registers the model
+    assert [(s.layer, s.status) for s in be.report.attention()] == [(i, "rewritten") for i in range(4)], be.report
 
 
 # --- never a silent no-op ---------------------------------------------------------------------------
