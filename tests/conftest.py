@@ -48,12 +48,15 @@ def _poisoned_alloc(shape, dtype, device):
 
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
-    """Every buffer the flash kernels' launchers allocate (outputs, lse, the backward's delta) starts
-    as NaN, in every test that reaches the kernels (test_flash_kernel.py, test_ops.py, kernels="triton"),
+    """Every buffer the kernels' launchers allocate (outputs, lse, states, gradients) starts as NaN, in
+    every test that reaches the kernels (test_flash_kernel.py, test_linear_kernel.py, test_ops.py,
+    kernels="triton"),
     the way flash-linear-attention's tests/ops/conftest.py patches the allocators. The launchers look
     `_alloc` up as a module global at each call, so patching the module attribute reaches them all.
     The import stays here, after TRITON_INTERPRET is set above."""
+    from attncc.codegen.variants.linear import chunked
     from attncc.codegen.variants.softmax import flash
 
-    monkeypatch.setattr(flash, "_alloc", _poisoned_alloc)
+    for module in (flash, chunked):
+        monkeypatch.setattr(module, "_alloc", _poisoned_alloc)
     yield

@@ -12,7 +12,7 @@ from attncc.errors import PolicyError
 from attncc.facts import SiteFacts
 
 from ..base import SiteCall, Variant
-from . import ops
+from . import chunked, ops
 from .reference import constant_decay_rates, lightning_decay_rates
 
 
@@ -40,6 +40,7 @@ class LinearVariant(Variant):
     config = Linear
     title = "linear attention"
     scaled = False
+    kernel = "linear_chunked"
 
     def needs_layers(self, config: Linear) -> bool:
         return config.decay == "lightning"
@@ -67,11 +68,24 @@ class LinearVariant(Variant):
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         c = call.constants
-        call.ran_reference(q, k, v)
         rates = c["decay_rates"]
         decay = None if rates is None else torch.tensor(rates, dtype=torch.float32, device=q.device)
-        return ops.linear_attention(q, k, v, call.keys(mask, q.shape[0]), decay, c["causal"], c["feature_map"],
-                                    c["normalize"], c["eps"])
+        keys = call.keys(mask, q.shape[0])
+        why = chunked.supports(q.shape[-1], v.shape[-1], q.dtype, c["feature_map"]) if q.dim() == 4 else \
+            "linear kernel needs 4-D [B, H, T, D] tensors"
+        if why or not call.use_kernels(q, k, v):
+            call.ran_reference(q, k, v, why=why)
+            return ops.linear_attention(q, k, v, keys, decay, c["causal"], c["feature_map"], c["normalize"],
+                                        c["eps"])
+        call.ran(ops.kernel_spec(q, k, causal=c["causal"], feature_map=c["feature_map"], normalize=c["normalize"],
+                                 decay=self.decay_kind(rates), padded=keys is not None).name)
+        o, *_ = ops.linear_chunked(q, k, v, keys, decay, c["causal"], c["feature_map"], c["normalize"], c["eps"],
+                                   False)
+        return o
+
+    @staticmethod
+    def decay_kind(rates: tuple[float, ...] | None) -> str:
+        return "none" if rates is None else "rates"
 
 
 VARIANT = LinearVariant()

@@ -1,13 +1,21 @@
-"""The linear variant's op: attncc::linear_attention(q, k, v, key_padding?, decay?, causal, feature_map,
-normalize, eps). Tensors are run-time inputs; the rest are the site's constants. It runs the
-reference (reference.py); its gradient recomputes the reference under autograd (base.reference_op).
+"""The linear variant's ops. Tensors are run-time inputs; the rest are the site's constants.
+
+    attncc::linear_attention(q, k, v, key_padding?, decay?, causal, feature_map, normalize, eps) -> o
+        the reference (reference.py); its backward op differentiates the reference (base.reference_op)
+    attncc::linear_chunked(q, k, v, key_padding?, decay?, causal, feature_map, normalize, eps, fp32_out)
+        -> (o, den, S_c, z_c): the chunked Triton kernels (chunked.py), with
+    attncc::linear_chunked_backward(do, dden?, o, den, q, k, v, key_padding?, decay?, S_c, z_c, ...)
+        -> (dq, dk, dv). den (the normalizer) is an output so that MALA can build on it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from attncc.codegen import emit
+
 from ..base import reference_op
+from . import chunked
 from .reference import linear_attention as _linear
 
 
@@ -24,3 +32,87 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
 
 
 reference_op(linear_attention, reference, tensors=5)
+
+
+# --- the chunked kernels (chunked.py) --------------------------------------------------------------
+
+def kernel_spec(q, k, *, causal: bool, feature_map: str, normalize: bool, decay: str, padded: bool,
+                fp32_out: bool = False) -> emit.KernelSpec:
+    """The chunked template's specialization (named in reports): linear_chunked_elu1_causal_norm_..."""
+    constants: list[tuple[str, object]] = [("", feature_map), ("causal", causal), ("norm", normalize),
+                                           ("decay", decay if decay != "none" else ""),
+                                           ("d", int(q.shape[-1])), ("g", int(q.shape[-3] // k.shape[-3])),
+                                           ("padded", padded), ("", emit.dtype_name(q.dtype)),
+                                           ("fp32out", fp32_out)]
+    return emit.KernelSpec("linear_chunked", chunked.__name__, tuple(constants))
+
+
+def _state_shapes(q, k, v, decay, causal):
+    B, H, T, D = q.shape
+    heads = H if decay is not None else k.shape[1]
+    block = max(16, 1 << (int(D) - 1).bit_length())
+    chunks = (T + chunked.CHUNK - 1) // chunked.CHUNK
+    lead = (B, heads, chunks) if causal else (B, heads)
+    return (*lead, block, v.shape[-1]), (*lead, block)
+
+
+@torch.library.custom_op("attncc::linear_chunked", mutates_args=())
+def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+                   decay: torch.Tensor | None, causal: bool, feature_map: str, normalize: bool, eps: float,
+                   fp32_out: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, den, S_c, z_c): the chunked kernels' forward; S_c, z_c are kept for the backward."""
+    emit.record(kernel_spec(q, k, causal=causal, feature_map=feature_map, normalize=normalize,
+                            decay="none" if decay is None else "rates", padded=key_padding is not None,
+                            fp32_out=fp32_out))
+    o, den, (s, z), _ = chunked.linear_fwd(q, k, v, key_padding=key_padding, decay=decay, causal=causal,
+                                           feature_map=feature_map, normalize=normalize, eps=eps,
+                                           out_dtype=torch.float32 if fp32_out else q.dtype)
+    return o, den, s, z
+
+
+@linear_chunked.register_fake
+def _(q, k, v, key_padding, decay, causal, feature_map, normalize, eps, fp32_out):
+    s_shape, z_shape = _state_shapes(q, k, v, decay, causal)
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    return (q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32 if fp32_out else q.dtype),
+            q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(s_shape, dtype=state_dtype),
+            q.new_empty(z_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("attncc::linear_chunked_backward", mutates_args=())
+def linear_chunked_backward(do: torch.Tensor, dden: torch.Tensor | None, o: torch.Tensor, den: torch.Tensor,
+                            q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+                            decay: torch.Tensor | None, s: torch.Tensor, z: torch.Tensor, causal: bool,
+                            feature_map: str, normalize: bool,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv). With o = num / (den + eps): ∂L/∂num = do / (den + eps) and ∂L/∂den gains
+    -(do·o) / (den + eps) (chunked.py's docstring derives the rest)."""
+    g = do.float()
+    d = dden.float() if dden is not None else torch.zeros_like(den)
+    if normalize:
+        r = 1 / (den + eps)
+        d = d - (g * o.float()).sum(-1) * r
+        g = g * r[..., None]
+    return chunked.linear_bwd(g, d, q, k, v, (s, z), key_padding=key_padding, decay=decay, causal=causal,
+                              feature_map=feature_map)
+
+
+@linear_chunked_backward.register_fake
+def _(do, dden, o, den, q, k, v, key_padding, decay, s, z, causal, feature_map, normalize, eps):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _chunked_setup(ctx, inputs, output):
+    q, k, v, key_padding, decay, causal, feature_map, normalize, eps, _ = inputs
+    o, den, s, z = output
+    ctx.save_for_backward(o, den, q, k, v, key_padding, decay, s, z)
+    ctx.constants = (causal, feature_map, normalize, eps)
+
+
+def _chunked_backward(ctx, do, dden, ds, dz):
+    o, den, q, k, v, key_padding, decay, s, z = ctx.saved_tensors
+    dq, dk, dv = linear_chunked_backward(do, dden, o, den, q, k, v, key_padding, decay, s, z, *ctx.constants)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+linear_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)

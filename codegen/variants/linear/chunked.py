@@ -1,0 +1,439 @@
+"""Chunked linear attention in Triton, forward and backward (VARIANTS.md §2.4, §4.5), for `linear` and MALA.
+
+Per query head h with feature map φ, decay λ = exp(-s_h) (s = 0: no decay) and chunks of BT tokens
+(a chunk c starts at t0 = c·BT and has n_c tokens; i, j are offsets inside it):
+
+    S_c  = Σ_{s < t0} λ^{t0-1-s} φ(k_s) v_sᵀ          (the state before chunk c, [D, Dv])
+    z_c  = Σ_{s < t0} λ^{t0-1-s} φ(k_s)               (its normalizer, [D])
+    num_t = λ^{i+1} φ(q_t)ᵀ S_c + Σ_{j<=i} λ^{i-j} (φ(q_t)·φ(k_j)) v_j
+    den_t = λ^{i+1} φ(q_t)·z_c + Σ_{j<=i} λ^{i-j}  φ(q_t)·φ(k_j)
+    o_t   = num_t / (den_t + eps)  (normalize)  or  num_t
+    S_{c+1} = λ^{n_c} S_c + Σ_j λ^{n_c-1-j} φ(k_j) v_jᵀ
+
+Bidirectional sites use the total state S (and z) for every query and no intra-chunk term. Padded
+keys (key_padding False) and positions past the sequence have φ(k) = 0. A query with no visible key
+has num = den = 0, so o = 0.
+
+Three forward/backward passes, each massively parallel except the state scans:
+
+    _states      grid (Dv blocks, B·HS): scan the chunks, store S_c, z_c (and the final state)
+    _output      grid (Dv blocks, chunks, B·H): o, den of one chunk from S_c, z_c and the chunk itself
+    _dstates     grid (Dv blocks, B·H): reverse scan: G_c = ∂L/∂S_{c+1} from the queries after chunk c
+    _grads       grid (chunks, B·H): dq, and this query head's share of dk, dv
+
+The backward of o = num/(den+eps) is the backward of the unnormalized form with the value augmented
+by a column of ones: with g̃_t = ∂L/∂num_t and δ_t = ∂L/∂den_t (for normalize, g̃ = do/(den+eps),
+δ = -(do·o)/(den+eps); MALA passes its own), the score gradient is dW_ts = g̃_t·v_s + δ_t, and
+
+    ∂φ(q_t) = λ^{i+1} (S_c g̃_t + δ_t z_c) + Σ_{j<=i} λ^{i-j} dW_tj φ(k_j)
+    ∂φ(k_s) = λ^{n_c-1-j} (G_c v_s + dz_c) + Σ_{t>=s in chunk} λ^{i-j} dW_ts φ(q_t)
+    ∂v_s    = λ^{n_c-1-j} G_cᵀ φ(k_s)       + Σ_{t>=s in chunk} λ^{i-j} (φ(q_t)·φ(k_s)) g̃_t
+
+State heads HS: the query heads when there is decay (λ is per query head), else the kv heads (S
+depends on k, v only, so a GQA group shares it). The backward's G is per query head; dk and dv are
+per query head and summed over each GQA group by the launcher. Feature maps elu1, relu and identity
+are applied inside the kernels (taylor2, whose features grow to 1 + D + D², runs the reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FEATURE_MAPS = ("elu1", "relu", "identity")  # constexpr codes 0, 1, 2
+CHUNK = 64
+MAX_HEAD_DIM = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(head_dim: int, value_dim: int, dtype: torch.dtype, feature_map: str) -> str | None:
+    """Why the chunked kernels cannot serve this configuration (the reference runs instead), or None."""
+    if feature_map not in FEATURE_MAPS:
+        return f"no linear kernel for feature map {feature_map!r} (kernels: {', '.join(FEATURE_MAPS)})"
+    if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM):
+        return f"linear kernel: head dims up to {MAX_HEAD_DIM}, got {head_dim} and {value_dim}"
+    if dtype not in DTYPES:
+        return f"linear kernel: dtype {dtype} is not supported (float16, bfloat16, float32)"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the launchers hand to a kernel comes from here (the tests fill it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _phi(x, FMAP: tl.constexpr):
+    if FMAP == 0:
+        return tl.where(x > 0, x + 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FMAP == 1:
+        return tl.maximum(x, 0.0)
+    else:
+        return x
+
+
+@triton.jit
+def _dphi(x, FMAP: tl.constexpr):
+    if FMAP == 0:
+        return tl.where(x > 0, 1.0, tl.exp(tl.minimum(x, 0.0)))
+    elif FMAP == 1:
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        return tl.full(x.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+               BT: tl.constexpr, BK: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr):
+    """(raw k [BT, BK] fp32, φ(k) [BT, BK] fp32 zeroed past T, past D and at padded keys, key mask [BT])."""
+    rt = t0 + tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    inside = rt < T
+    if PADDED:
+        inside = inside & (tl.load(kp_ptr + b * stride_kpb + rt, mask=rt < T, other=0) != 0)
+    ptrs = k_ptr + b * stride_kb + kvh * stride_kh + rt[:, None] * stride_kt + rk[None, :]
+    k = tl.load(ptrs, mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0).to(tl.float32)
+    phik = tl.where(inside[:, None] & (rk[None, :] < D), _phi(k, FMAP), 0.0)
+    return k, phik, inside
+
+
+@triton.jit
+def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr, z0_ptr,
+            T, NC, HS, HKV, D, DV,
+            stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
+            PADDED: tl.constexpr, DECAY: tl.constexpr, STORE_CHUNKS: tl.constexpr, INITIAL: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """Scan the chunks of one state head and one block of value columns: S_c, z_c before each chunk
+    (STORE_CHUNKS) and the final state. Block 0 of the value columns also keeps z."""
+    pv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HS
+    hs = bh % HS
+    kvh = hs // (HS // HKV)
+    rk = tl.arange(0, BK)
+    rv = pv * BV + tl.arange(0, BV)
+    state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
+    if INITIAL:
+        s = tl.load(s0_ptr + (bh * BK + rk[:, None]) * DV + rv[None, :], mask=state_mask, other=0.0)
+        z = tl.load(z0_ptr + bh * BK + rk, mask=rk < D, other=0.0)
+    else:
+        s = tl.zeros((BK, BV), dtype=tl.float32)
+        z = tl.zeros((BK,), dtype=tl.float32)
+    rate = 0.0
+    if DECAY:
+        rate = tl.load(rate_ptr + hs).to(tl.float32)
+    for c in range(NC):
+        t0 = c * BT
+        if STORE_CHUNKS:
+            tl.store(s_ptr + ((bh * NC + c) * BK + rk[:, None]) * DV + rv[None, :],
+                     s.to(s_ptr.dtype.element_ty), mask=state_mask)
+            if pv == 0:
+                tl.store(z_ptr + (bh * NC + c) * BK + rk, z, mask=rk < D)
+        _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+                                BT, BK, FMAP, PADDED)
+        rt = t0 + tl.arange(0, BT)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :],
+                    mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
+        if DECAY:
+            n = tl.minimum(T - t0, BT)
+            weight = tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))
+            weight = tl.where(tl.arange(0, BT) < n, weight, 0.0)
+            phik = phik * weight[:, None]
+            chunk_decay = tl.exp(-rate * n.to(tl.float32))
+            s = s * chunk_decay
+            z = z * chunk_decay
+        s += tl.dot(tl.trans(phik.to(v.dtype)), v, input_precision=PRECISION)
+        z += tl.sum(phik, axis=0)
+    tl.store(fs_ptr + (bh * BK + rk[:, None]) * DV + rv[None, :], s, mask=state_mask)
+    if pv == 0:
+        tl.store(fz_ptr + bh * BK + rk, z, mask=rk < D)
+
+
+@triton.jit
+def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
+            T, NC, H, HS, HKV, D, DV, eps,
+            stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+            stride_kpb,
+            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
+            DECAY: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk of one query head, one block of value columns: o (and den, from block 0)."""
+    pv = tl.program_id(0)
+    c = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    hs = h if DECAY else kvh
+    t0 = c * BT
+    rt = t0 + tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = pv * BV + tl.arange(0, BV)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :],
+                mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0)
+    dtype = q.dtype
+    phiq = tl.where(rk[None, :] < D, _phi(q.to(tl.float32), FMAP), 0.0)
+    state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
+    s = tl.load(s_ptr + (state * BK + rk[:, None]) * DV + rv[None, :],
+                mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
+    z = tl.load(z_ptr + state * BK + rk, mask=rk < D, other=0.0)
+    num = tl.dot(phiq.to(s.dtype), s, input_precision=PRECISION)
+    den = tl.sum(phiq * z[None, :], axis=1)
+    if DECAY:
+        rate = tl.load(rate_ptr + h).to(tl.float32)
+        q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
+        num = num * q_decay[:, None]
+        den = den * q_decay
+    if CAUSAL:
+        _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+                                BT, BK, FMAP, PADDED)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :],
+                    mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
+        a = tl.dot(phiq.to(dtype), tl.trans(phik.to(dtype)), input_precision=PRECISION)
+        i = tl.arange(0, BT)[:, None]
+        j = tl.arange(0, BT)[None, :]
+        if DECAY:
+            a = tl.where(j <= i, a * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32)), 0.0)
+        else:
+            a = tl.where(j <= i, a, 0.0)
+        num += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
+        den += tl.sum(a, axis=1)
+    if NORMALIZE:
+        num = num / (den + eps)[:, None]
+    tl.store(o_ptr + ((bh * T) + rt[:, None]) * DV + rv[None, :], num.to(o_ptr.dtype.element_ty),
+             mask=(rt[:, None] < T) & (rv[None, :] < DV))
+    if pv == 0:
+        tl.store(den_ptr + bh * T + rt, den, mask=rt < T)
+
+
+@triton.jit
+def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
+             T, NC, H, D, DV, stride_qb, stride_qh, stride_qt,
+             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
+             DECAY: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """Reverse scan of one query head: G_c = ∂L/∂S_{c+1} (and dz_c) for every chunk c (causal), or
+    the totals Σ_t φ(q_t) g̃_tᵀ and Σ_t φ(q_t) δ_t (bidirectional)."""
+    pv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rk = tl.arange(0, BK)
+    rv = pv * BV + tl.arange(0, BV)
+    state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
+    g_state = tl.zeros((BK, BV), dtype=tl.float32)
+    dz = tl.zeros((BK,), dtype=tl.float32)
+    rate = 0.0
+    if DECAY:
+        rate = tl.load(rate_ptr + h).to(tl.float32)
+    for step in range(NC):
+        c = NC - 1 - step
+        t0 = c * BT
+        rt = t0 + tl.arange(0, BT)
+        if CAUSAL:
+            tl.store(ds_ptr + ((bh * NC + c) * BK + rk[:, None]) * DV + rv[None, :],
+                     g_state.to(ds_ptr.dtype.element_ty), mask=state_mask)
+            if pv == 0:
+                tl.store(dz_ptr + (bh * NC + c) * BK + rk, dz, mask=rk < D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :],
+                    mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0)
+        phiq = tl.where((rt[:, None] < T) & (rk[None, :] < D), _phi(q.to(tl.float32), FMAP), 0.0)
+        g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=(rt[:, None] < T) & (rv[None, :] < DV),
+                    other=0.0)
+        d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
+        if DECAY:
+            n = tl.minimum(T - t0, BT)
+            q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
+            phiq = phiq * q_decay[:, None]
+            chunk_decay = tl.exp(-rate * n.to(tl.float32))
+            g_state = g_state * chunk_decay
+            dz = dz * chunk_decay
+        g_state += tl.dot(tl.trans(phiq.to(g.dtype)), g, input_precision=PRECISION)
+        dz += tl.sum(phiq * d[:, None], axis=0)
+    if not CAUSAL:
+        tl.store(ds_ptr + (bh * BK + rk[:, None]) * DV + rv[None, :], g_state.to(ds_ptr.dtype.element_ty),
+                 mask=state_mask)
+        if pv == 0:
+            tl.store(dz_ptr + bh * BK + rk, dz, mask=rk < D)
+
+
+@triton.jit
+def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, g_ptr, d_ptr,
+           dq_ptr, dk_ptr, dv_ptr,
+           T, NC, H, HS, HKV, D, DV,
+           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+           stride_kpb,
+           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
+           DECAY: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one chunk of one query head, and that head's share of dk, dv (all value columns: BV >= DV)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    hs = h if DECAY else kvh
+    t0 = c * BT
+    rt = t0 + tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    row_k = (rt[:, None] < T) & (rk[None, :] < D)
+    row_v = (rt[:, None] < T) & (rv[None, :] < DV)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k,
+                other=0.0).to(tl.float32)
+    phiq = tl.where(row_k, _phi(q, FMAP), 0.0)
+    k, phik, inside = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+                                 BT, BK, FMAP, PADDED)
+    v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :], mask=row_v,
+                other=0.0)
+    dtype = v.dtype
+    g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0)
+    d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
+    state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
+    s = tl.load(s_ptr + (state * BK + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
+                other=0.0)
+    z = tl.load(z_ptr + state * BK + rk, mask=rk < D, other=0.0)
+    dstate = bh * NC + c if CAUSAL else bh
+    gs = tl.load(ds_ptr + (dstate * BK + rk[:, None]) * DV + rv[None, :],
+                 mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
+    dz = tl.load(dz_ptr + dstate * BK + rk, mask=rk < D, other=0.0)
+    # inter-chunk terms: through S_c (queries) and through S_{c+1}'s gradient G_c (keys, values)
+    dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION) + d[:, None] * z[None, :]
+    dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION) + dz[None, :]
+    dv = tl.dot(phik.to(gs.dtype), gs, input_precision=PRECISION)
+    if DECAY:
+        rate = tl.load(rate_ptr + h).to(tl.float32)
+        n = tl.minimum(T - t0, BT)
+        q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
+        k_decay = tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))
+        dphiq = dphiq * q_decay[:, None]
+        dphik = dphik * k_decay[:, None]
+        dv = dv * k_decay[:, None]
+    if CAUSAL:
+        i = tl.arange(0, BT)[:, None]
+        j = tl.arange(0, BT)[None, :]
+        a = tl.dot(phiq.to(dtype), tl.trans(phik.to(dtype)), input_precision=PRECISION)
+        da = tl.dot(g.to(dtype), tl.trans(v), input_precision=PRECISION) + d[:, None]
+        if DECAY:
+            lag = tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
+            a = tl.where(j <= i, a * lag, 0.0)
+            da = tl.where(j <= i, da * lag, 0.0)
+        else:
+            a = tl.where(j <= i, a, 0.0)
+            da = tl.where(j <= i, da, 0.0)
+        dphiq += tl.dot(da.to(dtype), phik.to(dtype), input_precision=PRECISION)
+        dphik += tl.dot(tl.trans(da).to(dtype), phiq.to(dtype), input_precision=PRECISION)
+        dv += tl.dot(tl.trans(a).to(dtype), g.to(dtype), input_precision=PRECISION)
+    dq = dphiq * _dphi(q, FMAP)
+    dk = tl.where(inside[:, None], dphik * _dphi(k, FMAP), 0.0)
+    tl.store(dq_ptr + (bh * T + rt[:, None]) * D + rk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_k)
+    tl.store(dk_ptr + (bh * T + rt[:, None]) * D + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=row_k)
+    tl.store(dv_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=row_v)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
+
+
+def _blocks(D: int, DV: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+
+
+def _key_padding(key_padding, k):
+    if key_padding is None:
+        return k.new_zeros(1, dtype=torch.int8), 0, False
+    kp = key_padding.to(torch.int8).contiguous()
+    return kp, kp.stride(0), True
+
+
+def _rates(decay, device):
+    if decay is None:
+        return torch.zeros(1, device=device, dtype=torch.float32), False
+    return decay.to(device=device, dtype=torch.float32).contiguous(), True
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_map: str, normalize: bool,
+               eps: float, out_dtype: torch.dtype | None = None, initial_state=None):
+    """(o [B, H, T, Dv], den [B, H, T] fp32, states, final state (S [B, HS, BK, Dv] fp32, z [B, HS, BK])).
+
+    `states` is (S_c, z_c) per chunk for the backward (causal), or the final state (bidirectional).
+    q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; the last dim of each must be contiguous.
+    """
+    B, H, T, D = q.shape
+    HKV, DV = k.shape[1], v.shape[-1]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    BK, BVS = _blocks(D, DV)
+    BV = min(BVS, 64)
+    NC = triton.cdiv(T, CHUNK)
+    kp, stride_kpb, padded = _key_padding(key_padding, k)
+    rates, has_decay = _rates(decay, q.device)
+    HS = H if has_decay else HKV
+    precision = _precision(q.dtype)
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    chunk_states = _alloc((B, HS, NC, BK, DV), state_dtype, q.device) if causal else q.new_empty(0)
+    chunk_z = _alloc((B, HS, NC, BK), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
+    final_s = _alloc((B, HS, BK, DV), torch.float32, q.device)
+    final_z = _alloc((B, HS, BK), torch.float32, q.device)
+    initial = initial_state is not None
+    s0, z0 = initial_state if initial else (final_s, final_z)
+    _states[(triton.cdiv(DV, BV), B * HS)](
+        k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
+        T, NC, HS, HKV, D, DV, *_strides(k), *_strides(v), stride_kpb,
+        BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
+        STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision)
+    o = _alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
+    den = _alloc((B, H, T), torch.float32, q.device)
+    states = (chunk_states, chunk_z) if causal else (final_s.to(state_dtype), final_z)
+    _output[(triton.cdiv(DV, BV), NC, B * H)](
+        q, k, v, kp, rates, states[0], states[1], o, den, T, NC, H, HS, HKV, D, DV, float(eps),
+        *_strides(q), *_strides(k), *_strides(v), stride_kpb,
+        BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
+        CAUSAL=causal, NORMALIZE=normalize, PRECISION=precision)
+    return o, den, states, (final_s, final_z)
+
+
+def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: bool, feature_map: str):
+    """(dq, dk, dv) from g̃ = ∂L/∂num [B, H, T, Dv] and δ = ∂L/∂den [B, H, T] (see the module docstring)."""
+    B, H, T, D = q.shape
+    HKV, DV = k.shape[1], v.shape[-1]
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    BK, BV = _blocks(D, DV)
+    NC = triton.cdiv(T, CHUNK)
+    kp, stride_kpb, padded = _key_padding(key_padding, k)
+    rates, has_decay = _rates(decay, q.device)
+    HS = H if has_decay else HKV
+    precision = _precision(q.dtype)
+    state_dtype = states[0].dtype
+    g = g.to(state_dtype if state_dtype != torch.float32 else torch.float32).contiguous()
+    d = d.float().contiguous()
+    n_states = NC if causal else 1
+    dstates = _alloc((B, H, n_states, BK, DV), state_dtype, q.device)
+    dz = _alloc((B, H, n_states, BK), torch.float32, q.device)
+    bv_scan = min(BV, 64)
+    _dstates[(triton.cdiv(DV, bv_scan), B * H)](
+        q, g, d, rates, dstates, dz, T, NC, H, D, DV, *_strides(q),
+        BT=CHUNK, BK=BK, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
+        PRECISION=precision)
+    grad_dtype = torch.float32
+    dq = _alloc((B, H, T, D), grad_dtype, q.device)
+    dk = _alloc((B, H, T, D), grad_dtype, q.device)
+    dv = _alloc((B, H, T, DV), grad_dtype, q.device)
+    _grads[(NC, B * H)](
+        q, k, v, kp, rates, states[0], states[1], dstates, dz, g, d, dq, dk, dv,
+        T, NC, H, HS, HKV, D, DV, *_strides(q), *_strides(k), *_strides(v), stride_kpb,
+        BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
+        CAUSAL=causal, PRECISION=precision)
+    group = H // HKV
+    if group > 1:
+        dk = dk.view(B, HKV, group, T, D).sum(2)
+        dv = dv.view(B, HKV, group, T, DV).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
