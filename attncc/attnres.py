@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attncc.codegen.reference.attnres import attnres
+from attncc.codegen.variants.attnres.reference import attnres
 from attncc.compiler import Backend, keeping_last_report
 from attncc.errors import AttnccError, PolicyError
 from attncc.passes.model import remember

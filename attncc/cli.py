@@ -123,7 +123,7 @@ def run_demo(model_name: str, policy: str, inner: str, as_json: bool) -> int:
     print(f"policy: {policy_obj.name} ({policy})\n")
     be = attncc.backend(policy_obj, inner=inner)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend=be)
+    compiled = attncc.compile(model, be)
     start = time.perf_counter()
     with torch.no_grad():
         out = compiled(*args, **kwargs)[0]

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from attncc.attnres import prepare
 from attncc.compiler import Backend, keeping_last_report
 from attncc.errors import AttnccError, PolicyError
 from attncc.policy import check_sites
@@ -29,7 +30,8 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
     policy rule matches no site or names a layer outside the model.
 
     explain leaves the process as it found it: it traces a copy of the model that shares its parameters
-    (AttnRes parameters and buffer updates land on the copy), from an entry function of its own and without
+    (with an AttnRes policy, attncc.prepare runs on the copy: its AttnRes parameters and buffer updates
+    land on the copy), from an entry function of its own and without
     resetting dynamo, so functions compiled before it keep their compiled code; last_report() is unchanged.
     One trace is left behind: that of a graph-breaking model whose code was compiled before (see
     _dropping_new_cache_entries); torch >= 2.13 keeps it from counting against that compile's recompile limit.
@@ -43,6 +45,8 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
     try:
         with keeping_last_report(), _dropping_new_cache_entries():
+            if be.policy.residual.variant != "keep":  # the copy gets its own AttnRes parameters
+                prepare(traced, be.policy, example_args, example_kwargs)
             trace(traced, tuple(example_args), example_kwargs or {})
     except torch._dynamo.exc.BackendCompilerFailed as err:
         # dynamo wraps what the backend raises; a bad policy or an attncc error surfaces as itself

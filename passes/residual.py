@@ -5,7 +5,7 @@ stream order; the stream starts at the first add's stream operand (the embedding
 where the last add's output goes (the final norm, or the output for a post-norm model).
 
 rewrite_residual (policy `residual: {variant: attnres, block_size: S}`) replaces each sublayer's
-input by an aggregation over its sources, exactly as `attncc.codegen.reference.attnres.attnres_stream`
+input by an aggregation over its sources, exactly as `attncc.codegen.variants.attnres.reference.attnres_stream`
 computes it: the adds become block partial sums, and an output aggregation replaces the stream that
 the final norm reads.
 
@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from attncc.codegen.reference.attnres import attnres
+from attncc.codegen.variants.attnres.reference import attnres
 from attncc.errors import AttnccError
 from attncc.fx import (layer_of, meta_value, module_stack, orphaned, owning_module, read_nodes, remove_dead, shape_of,
                        static_int)

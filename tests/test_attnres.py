@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attncc
-from attncc.codegen.reference.attnres import attnres, attnres_stream
+from attncc.codegen.variants.attnres.reference import attnres, attnres_stream
 from models import zoo
 
 D = 32

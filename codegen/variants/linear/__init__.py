@@ -32,8 +32,9 @@ class Linear(VariantConfig):
             raise PolicyError(f"a fixed decay must be in (0, 1], got {self.decay!r}", "decay")
 
 
-NO_LAYER_COUNT = ("lightning decay depends on the model's number of layers, which attncc could not read from "
-                  "the model (it reads the length of the module list holding this site's layer)")
+NO_LAYER_COUNT = ("lightning decay depends on the model's number of layers, which attncc reads from the model "
+                  "registered by attncc.prepare(model) or attncc.compile(model, policy) (the length of the module "
+                  "list holding this site's layer); call one of them before compiling")
 
 
 class LinearVariant(Variant):

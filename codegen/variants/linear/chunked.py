@@ -122,8 +122,8 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
     rv = pv * BV + tl.arange(0, BV)
     state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
     if INITIAL:
-        s = tl.load(s0_ptr + (bh * BK + rk[:, None]) * DV + rv[None, :], mask=state_mask, other=0.0)
-        z = tl.load(z0_ptr + bh * BK + rk, mask=rk < D, other=0.0)
+        s = tl.load(s0_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], mask=state_mask, other=0.0)
+        z = tl.load(z0_ptr + bh * D + rk, mask=rk < D, other=0.0)
     else:
         s = tl.zeros((BK, BV), dtype=tl.float32)
         z = tl.zeros((BK,), dtype=tl.float32)
@@ -133,10 +133,10 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
     for c in range(NC):
         t0 = c * BT
         if STORE_CHUNKS:
-            tl.store(s_ptr + ((bh * NC + c) * BK + rk[:, None]) * DV + rv[None, :],
+            tl.store(s_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
                      s.to(s_ptr.dtype.element_ty), mask=state_mask)
             if pv == 0:
-                tl.store(z_ptr + (bh * NC + c) * BK + rk, z, mask=rk < D)
+                tl.store(z_ptr + (bh * NC + c) * D + rk, z, mask=rk < D)
         _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                                 BT, BK, FMAP, PADDED)
         rt = t0 + tl.arange(0, BT)
@@ -152,9 +152,9 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             z = z * chunk_decay
         s += tl.dot(tl.trans(phik.to(v.dtype)), v, input_precision=PRECISION)
         z += tl.sum(phik, axis=0)
-    tl.store(fs_ptr + (bh * BK + rk[:, None]) * DV + rv[None, :], s, mask=state_mask)
+    tl.store(fs_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], s, mask=state_mask)
     if pv == 0:
-        tl.store(fz_ptr + bh * BK + rk, z, mask=rk < D)
+        tl.store(fz_ptr + bh * D + rk, z, mask=rk < D)
 
 
 @triton.jit
@@ -181,9 +181,9 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
     dtype = q.dtype
     phiq = tl.where(rk[None, :] < D, _phi(q.to(tl.float32), FMAP), 0.0)
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
-    s = tl.load(s_ptr + (state * BK + rk[:, None]) * DV + rv[None, :],
+    s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :],
                 mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
-    z = tl.load(z_ptr + state * BK + rk, mask=rk < D, other=0.0)
+    z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
     num = tl.dot(phiq.to(s.dtype), s, input_precision=PRECISION)
     den = tl.sum(phiq * z[None, :], axis=1)
     if DECAY:
@@ -237,10 +237,10 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
         t0 = c * BT
         rt = t0 + tl.arange(0, BT)
         if CAUSAL:
-            tl.store(ds_ptr + ((bh * NC + c) * BK + rk[:, None]) * DV + rv[None, :],
+            tl.store(ds_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
                      g_state.to(ds_ptr.dtype.element_ty), mask=state_mask)
             if pv == 0:
-                tl.store(dz_ptr + (bh * NC + c) * BK + rk, dz, mask=rk < D)
+                tl.store(dz_ptr + (bh * NC + c) * D + rk, dz, mask=rk < D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :],
                     mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0)
         phiq = tl.where((rt[:, None] < T) & (rk[None, :] < D), _phi(q.to(tl.float32), FMAP), 0.0)
@@ -257,10 +257,10 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
         g_state += tl.dot(tl.trans(phiq.to(g.dtype)), g, input_precision=PRECISION)
         dz += tl.sum(phiq * d[:, None], axis=0)
     if not CAUSAL:
-        tl.store(ds_ptr + (bh * BK + rk[:, None]) * DV + rv[None, :], g_state.to(ds_ptr.dtype.element_ty),
+        tl.store(ds_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], g_state.to(ds_ptr.dtype.element_ty),
                  mask=state_mask)
         if pv == 0:
-            tl.store(dz_ptr + bh * BK + rk, dz, mask=rk < D)
+            tl.store(dz_ptr + bh * D + rk, dz, mask=rk < D)
 
 
 @triton.jit
@@ -295,13 +295,13 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
     g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0)
     d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
-    s = tl.load(s_ptr + (state * BK + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
+    s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
                 other=0.0)
-    z = tl.load(z_ptr + state * BK + rk, mask=rk < D, other=0.0)
+    z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
     dstate = bh * NC + c if CAUSAL else bh
-    gs = tl.load(ds_ptr + (dstate * BK + rk[:, None]) * DV + rv[None, :],
+    gs = tl.load(ds_ptr + (dstate * D + rk[:, None]) * DV + rv[None, :],
                  mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
-    dz = tl.load(dz_ptr + dstate * BK + rk, mask=rk < D, other=0.0)
+    dz = tl.load(dz_ptr + dstate * D + rk, mask=rk < D, other=0.0)
     # inter-chunk terms: through S_c (queries) and through S_{c+1}'s gradient G_c (keys, values)
     dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION) + d[:, None] * z[None, :]
     dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION) + dz[None, :]
@@ -363,7 +363,7 @@ def _strides(t):
 
 def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_map: str, normalize: bool,
                eps: float, out_dtype: torch.dtype | None = None, initial_state=None):
-    """(o [B, H, T, Dv], den [B, H, T] fp32, states, final state (S [B, HS, BK, Dv] fp32, z [B, HS, BK])).
+    """(o [B, H, T, Dv], den [B, H, T] fp32, states, final state (S [B, HS, D, Dv] fp32, z [B, HS, D])).
 
     `states` is (S_c, z_c) per chunk for the backward (causal), or the final state (bidirectional).
     q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; the last dim of each must be contiguous.
@@ -379,10 +379,10 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     HS = H if has_decay else HKV
     precision = _precision(q.dtype)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-    chunk_states = _alloc((B, HS, NC, BK, DV), state_dtype, q.device) if causal else q.new_empty(0)
-    chunk_z = _alloc((B, HS, NC, BK), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
-    final_s = _alloc((B, HS, BK, DV), torch.float32, q.device)
-    final_z = _alloc((B, HS, BK), torch.float32, q.device)
+    chunk_states = _alloc((B, HS, NC, D, DV), state_dtype, q.device) if causal else q.new_empty(0)
+    chunk_z = _alloc((B, HS, NC, D), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
+    final_s = _alloc((B, HS, D, DV), torch.float32, q.device)
+    final_z = _alloc((B, HS, D), torch.float32, q.device)
     initial = initial_state is not None
     s0, z0 = initial_state if initial else (final_s, final_z)
     _states[(triton.cdiv(DV, BV), B * HS)](
@@ -416,8 +416,8 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     g = g.to(state_dtype if state_dtype != torch.float32 else torch.float32).contiguous()
     d = d.float().contiguous()
     n_states = NC if causal else 1
-    dstates = _alloc((B, H, n_states, BK, DV), state_dtype, q.device)
-    dz = _alloc((B, H, n_states, BK), torch.float32, q.device)
+    dstates = _alloc((B, H, n_states, D, DV), state_dtype, q.device)
+    dz = _alloc((B, H, n_states, D), torch.float32, q.device)
     bv_scan = min(BV, 64)
     _dstates[(triton.cdiv(DV, bv_scan), B * H)](
         q, g, d, rates, dstates, dz, T, NC, H, D, DV, *_strides(q),

@@ -50,10 +50,9 @@ def kernel_spec(q, k, *, causal: bool, feature_map: str, normalize: bool, decay:
 def _state_shapes(q, k, v, decay, causal):
     B, H, T, D = q.shape
     heads = H if decay is not None else k.shape[1]
-    block = max(16, 1 << (int(D) - 1).bit_length())
     chunks = (T + chunked.CHUNK - 1) // chunked.CHUNK
     lead = (B, heads, chunks) if causal else (B, heads)
-    return (*lead, block, v.shape[-1]), (*lead, block)
+    return (*lead, D, v.shape[-1]), (*lead, D)
 
 
 @torch.library.custom_op("attncc::linear_chunked", mutates_args=())

@@ -1,1 +1,0 @@
-"""Plain-PyTorch references: the specification of every variant, runnable on any device."""

@@ -1,0 +1,135 @@
+"""The chunked linear-attention kernels (codegen/variants/linear/chunked.py) against the linear reference.
+
+The reference (reference.py) is itself checked against independent float64 computations in
+test_reference_linear.py. CPU: the Triton interpreter in float32, every configuration the kernels
+take (feature maps, normalize, decay none / constant / per-head, causal and bidirectional, GQA, key
+padding, lengths that are not a multiple of the chunk), outputs and all three gradients, with the
+launchers' buffers NaN-poisoned (conftest.py). GPU (`-m gpu`): bfloat16 at long sequences.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attncc.codegen.variants  # noqa: F401  (registers the ops)
+from attncc.codegen.variants.linear import chunked, ops
+from attncc.codegen.variants.linear.reference import constant_decay_rates, lightning_decay_rates
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+def _rates(kind: str, heads: int):
+    if kind == "none":
+        return None
+    if kind == "constant":
+        return constant_decay_rates(heads, 0.9)
+    return lightning_decay_rates(heads, 0, 3) * 16  # steep enough that the decay matters inside a chunk
+
+
+def case(B, H, Hkv, T, D, Dv, *, causal=True, feature_map="elu1", normalize=True, decay="none", padded=False):
+    name = (f"B{B}-H{H}-Hkv{Hkv}-T{T}-D{D}-Dv{Dv}-{'causal' if causal else 'bidir'}-{feature_map}"
+            f"-{'norm' if normalize else 'raw'}-decay_{decay}" + ("-padded" if padded else ""))
+    return pytest.param(dict(B=B, H=H, Hkv=Hkv, T=T, D=D, Dv=Dv, causal=causal, feature_map=feature_map,
+                             normalize=normalize, decay=decay, padded=padded), id=name)
+
+
+CASES = [
+    case(2, 4, 2, 70, 16, 16),
+    case(2, 4, 2, 70, 16, 24, padded=True),
+    case(1, 2, 2, 64, 32, 16, feature_map="relu", normalize=False),
+    case(1, 2, 1, 129, 16, 16, feature_map="identity", normalize=False, padded=True),
+    case(1, 4, 2, 150, 16, 16, feature_map="relu", decay="lightning", padded=True),
+    case(1, 2, 2, 100, 16, 32, feature_map="identity", normalize=False, decay="constant"),
+    case(2, 2, 2, 65, 20, 16, causal=False),
+    case(2, 4, 1, 33, 16, 16, causal=False, feature_map="identity", normalize=False, padded=True),
+    case(1, 2, 2, 7, 16, 16, feature_map="elu1", decay="constant"),
+]
+
+
+def _inputs(p, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(p["B"], p["H"], p["T"], p["D"], generator=g)
+    k = torch.randn(p["B"], p["Hkv"], p["T"], p["D"], generator=g)
+    v = torch.randn(p["B"], p["Hkv"], p["T"], p["Dv"], generator=g)
+    q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v))
+    key_padding = None
+    if p["padded"]:
+        key_padding = torch.ones(p["B"], p["T"], dtype=torch.bool, device=device)
+        key_padding[0, : min(5, p["T"] - 1)] = False  # left padding: the first rows see no key
+        key_padding[-1, -3:] = False
+    rates = _rates(p["decay"], p["H"])
+    rates = None if rates is None else rates.to(device)
+    return q, k, v, key_padding, rates
+
+
+def _constants(p):
+    return p["causal"], p["feature_map"], p["normalize"], 1e-6
+
+
+@pytest.mark.parametrize("p", CASES)
+def test_kernel_matches_the_reference(p):
+    q, k, v, key_padding, rates = _inputs(p)
+    o, den, _, _ = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False)
+    want = ops.reference(q, k, v, key_padding, rates, *_constants(p))
+    torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(o, (q, k, v), grad)
+    expected = torch.autograd.grad(want, (q, k, v), grad)
+    for name, a, b in zip("qkv", got, expected):
+        scale = b.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+def test_rows_with_no_visible_key_are_zero():
+    p = dict(B=1, H=2, Hkv=2, T=70, D=16, Dv=16, causal=True, feature_map="elu1", normalize=True, decay="none",
+             padded=True)
+    q, k, v, key_padding, rates = _inputs(p)
+    o, *_ = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False)
+    assert torch.equal(o[0, :, :5], torch.zeros_like(o[0, :, :5]))
+
+
+@pytest.mark.parametrize("p", CASES[:1] + CASES[4:5] + CASES[6:7])
+def test_opcheck(p):
+    q, k, v, key_padding, rates = _inputs(p)
+    torch.library.opcheck(torch.ops.attncc.linear_chunked.default,
+                          (q, k, v, key_padding, rates, *_constants(p), False))
+
+
+def test_normalizer_output_is_the_unnormalized_row_sum():
+    """den (what MALA builds on) is Σ_j w_tj with the same weights as num."""
+    p = dict(B=1, H=2, Hkv=2, T=70, D=16, Dv=16, causal=True, feature_map="elu1", normalize=False, decay="none",
+             padded=False)
+    q, k, v, _, _ = _inputs(p)
+    _, den, _, _ = torch.ops.attncc.linear_chunked(q, k, v, None, None, *_constants(p), True)
+    ones = torch.ones_like(v)
+    want = ops.reference(q, k, ones, None, None, True, "elu1", False, 0.0)[..., 0]
+    torch.testing.assert_close(den, want, rtol=1e-4, atol=1e-4)
+
+
+def test_supports_names_what_it_cannot_do():
+    assert "taylor2" in chunked.supports(16, 16, torch.float32, "taylor2")
+    assert "128" in chunked.supports(256, 16, torch.float32, "elu1")
+    assert chunked.supports(128, 128, torch.bfloat16, "elu1") is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [
+    case(1, 16, 4, 8192, 128, 128),
+    case(1, 16, 4, 4099, 128, 128, feature_map="identity", normalize=False, padded=True),
+    case(2, 8, 8, 2048, 64, 64, feature_map="relu", decay="lightning"),
+    case(1, 8, 2, 3000, 128, 128, causal=False),
+])
+def test_kernel_bf16_on_gpu(p):
+    q, k, v, key_padding, rates = _inputs(p, torch.bfloat16, "cuda")
+    o, *_ = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    want = ops.reference(q32, k32, v32, key_padding, rates, *_constants(p))
+    err = ((o.float() - want).abs().max() / want.abs().max()).item()
+    assert err < 2e-2, err
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(o, (q, k, v), grad.to(o.dtype))
+    expected = torch.autograd.grad(want, (q32, k32, v32), grad)
+    for name, a, b in zip("qkv", got, expected):
+        err = ((a.float() - b).abs().max() / b.abs().max()).item()
+        assert err < 3e-2, (name, err)
