@@ -36,7 +36,7 @@ try:
     from attncc.codegen.variants.softmax.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 except ImportError:  # the package is not installed: import the module from the checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from codegen.triton.flash import flash_attention_bwd, flash_attention_fwd, flash_config
+    from codegen.variants.softmax.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 
 B, H, D = 1, 16, 128
 DTYPE = torch.bfloat16

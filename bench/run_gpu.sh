@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
-#   bench/run_gpu.sh tests|flash|model|all
+#   bench/run_gpu.sh tests|soundness|compat|flash|linear|model|model_linear|model_mask|all
 # attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
 # checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
@@ -24,6 +24,17 @@ if [ "$what" = compat ]; then  # the CPU suite's model tests under this machine'
 fi
 if [ "$what" = flash ] || [ "$what" = all ]; then
     python "$REPO/bench/bench_flash.py" --sizes 2048 8192 32768 2>&1 | tee "$OUT/bench_flash.log" | tail -14
+fi
+if [ "$what" = linear ]; then  # the linear/MALA kernels: GPU tests, then against fla (wheels carried in .whl/)
+    if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl >>"$OUT/install.log" 2>&1
+        export PYTHONPATH=/tmp/site
+    fi
+    python -m pytest -q -m gpu "$REPO/tests/test_linear_kernel.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_linear.log" | tail -8 || status=1
+    python "$REPO/bench/bench_linear.py" --sizes ${SIZES:-2048 8192 32768} 2>&1 | tee "$OUT/bench_linear.log" | tail -16
+fi
+if [ "$what" = model_linear ]; then
+    python "$REPO/bench/bench_model.py" --policy linear --sizes 8192 32768 2>&1 | tee "$OUT/bench_model_linear.log" | tail -12
 fi
 if [ "$what" = model_mask ]; then
     python "$REPO/bench/bench_model.py" --sizes 8192 32768 --mask 2>&1 | tee "$OUT/bench_model_mask.log" | tail -12

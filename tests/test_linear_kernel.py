@@ -44,6 +44,8 @@ CASES = [
     case(2, 2, 2, 65, 20, 16, causal=False),
     case(2, 4, 1, 33, 16, 16, causal=False, feature_map="identity", normalize=False, padded=True),
     case(1, 2, 2, 7, 16, 16, feature_map="elu1", decay="constant"),
+    case(1, 2, 1, 70, 80, 48, padded=True),  # the scans split the state into 2 x 2 blocks
+    case(1, 2, 2, 70, 80, 48, causal=False, feature_map="relu", normalize=False),
 ]
 
 
@@ -133,3 +135,40 @@ def test_kernel_bf16_on_gpu(p):
     for name, a, b in zip("qkv", got, expected):
         err = ((a.float() - b).abs().max() / b.abs().max()).item()
         assert err < 3e-2, (name, err)
+
+
+# --- MALA on the same kernels (codegen/variants/mala/ops.py: from_linear_sums) ---------------------
+
+MALA_CASES = [
+    case(2, 4, 2, 70, 16, 16, padded=True),
+    case(1, 2, 2, 129, 32, 16),
+    case(2, 4, 1, 33, 16, 24, causal=False, padded=True),
+    case(1, 2, 2, 65, 16, 16, causal=False),
+]
+
+
+@pytest.mark.parametrize("p", MALA_CASES)
+@pytest.mark.parametrize("sim_scale", [None, 0.5], ids=["official-scale", "sim0.5"])
+def test_mala_on_the_kernels_matches_its_reference(p, sim_scale):
+    from attncc.codegen.variants.mala import ops as mala_ops
+
+    q, k, v, key_padding, _ = _inputs(p)
+    got = mala_ops.from_linear_sums(q, k, v, key_padding, p["causal"], sim_scale)
+    want = mala_ops.reference(q, k, v, key_padding, p["causal"], sim_scale)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(want)
+    for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        scale = b.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.gpu
+def test_mala_bf16_on_gpu():
+    from attncc.codegen.variants.mala import ops as mala_ops
+
+    p = case(1, 16, 4, 8192, 128, 128, padded=True).values[0]
+    q, k, v, key_padding, _ = _inputs(p, torch.bfloat16, "cuda")
+    got = mala_ops.from_linear_sums(q, k, v, key_padding, True, None)
+    want = mala_ops.reference(q.float(), k.float(), v.float(), key_padding, True, None)
+    err = ((got.float() - want).abs().max() / want.abs().max()).item()
+    assert err < 3e-2, err

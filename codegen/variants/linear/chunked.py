@@ -91,10 +91,10 @@ def _dphi(x, FMAP: tl.constexpr):
 
 @triton.jit
 def _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
-               BT: tl.constexpr, BK: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr):
-    """(raw k [BT, BK] fp32, φ(k) [BT, BK] fp32 zeroed past T, past D and at padded keys, key mask [BT])."""
+               BT: tl.constexpr, BK: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr, k0=0):
+    """(raw k [BT, BK] fp32 of features k0.., φ(k) zeroed past T, past D and at padded keys, key mask [BT])."""
     rt = t0 + tl.arange(0, BT)
-    rk = tl.arange(0, BK)
+    rk = k0 + tl.arange(0, BK)
     inside = rt < T
     if PADDED:
         inside = inside & (tl.load(kp_ptr + b * stride_kpb + rt, mask=rt < T, other=0) != 0)
@@ -111,14 +111,16 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
             PADDED: tl.constexpr, DECAY: tl.constexpr, STORE_CHUNKS: tl.constexpr, INITIAL: tl.constexpr,
             PRECISION: tl.constexpr):
-    """Scan the chunks of one state head and one block of value columns: S_c, z_c before each chunk
-    (STORE_CHUNKS) and the final state. Block 0 of the value columns also keeps z."""
+    """Scan the chunks of one state head, for one block of features x one block of value columns: S_c,
+    z_c before each chunk (STORE_CHUNKS) and the final state. Value block 0 also keeps z. The scan is
+    sequential, so the state is split into blocks to run many of them at once."""
     pv = tl.program_id(0)
-    bh = tl.program_id(1)
+    pk = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // HS
     hs = bh % HS
     kvh = hs // (HS // HKV)
-    rk = tl.arange(0, BK)
+    rk = pk * BK + tl.arange(0, BK)
     rv = pv * BV + tl.arange(0, BV)
     state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
     if INITIAL:
@@ -138,7 +140,7 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             if pv == 0:
                 tl.store(z_ptr + (bh * NC + c) * D + rk, z, mask=rk < D)
         _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
-                                BT, BK, FMAP, PADDED)
+                                BT, BK, FMAP, PADDED, pk * BK)
         rt = t0 + tl.arange(0, BT)
         v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :],
                     mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
@@ -221,10 +223,11 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
     """Reverse scan of one query head: G_c = ∂L/∂S_{c+1} (and dz_c) for every chunk c (causal), or
     the totals Σ_t φ(q_t) g̃_tᵀ and Σ_t φ(q_t) δ_t (bidirectional)."""
     pv = tl.program_id(0)
-    bh = tl.program_id(1)
+    pk = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // H
     h = bh % H
-    rk = tl.arange(0, BK)
+    rk = pk * BK + tl.arange(0, BK)
     rv = pv * BV + tl.arange(0, BV)
     state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
     g_state = tl.zeros((BK, BV), dtype=tl.float32)
@@ -340,6 +343,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
 
 
+def _scan_blocks(BK: int, BV: int) -> tuple[int, int]:
+    """Feature and value blocks of the sequential scans: small, so that many scans run at once."""
+    return min(BK, 64), min(BV, 32)
+
+
 def _blocks(D: int, DV: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
 
@@ -378,17 +386,18 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     rates, has_decay = _rates(decay, q.device)
     HS = H if has_decay else HKV
     precision = _precision(q.dtype)
-    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    state_dtype = torch.float32 if torch.float32 in (q.dtype, out_dtype) else q.dtype
     chunk_states = _alloc((B, HS, NC, D, DV), state_dtype, q.device) if causal else q.new_empty(0)
     chunk_z = _alloc((B, HS, NC, D), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
     final_s = _alloc((B, HS, D, DV), torch.float32, q.device)
     final_z = _alloc((B, HS, D), torch.float32, q.device)
     initial = initial_state is not None
     s0, z0 = initial_state if initial else (final_s, final_z)
-    _states[(triton.cdiv(DV, BV), B * HS)](
+    bk_scan, bv_scan = _scan_blocks(BK, BVS)
+    _states[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * HS)](
         k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
         T, NC, HS, HKV, D, DV, *_strides(k), *_strides(v), stride_kpb,
-        BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
+        BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
         STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision)
     o = _alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
     den = _alloc((B, H, T), torch.float32, q.device)
@@ -418,10 +427,10 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     n_states = NC if causal else 1
     dstates = _alloc((B, H, n_states, D, DV), state_dtype, q.device)
     dz = _alloc((B, H, n_states, D), torch.float32, q.device)
-    bv_scan = min(BV, 64)
-    _dstates[(triton.cdiv(DV, bv_scan), B * H)](
+    bk_scan, bv_scan = _scan_blocks(BK, BV)
+    _dstates[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * H)](
         q, g, d, rates, dstates, dz, T, NC, H, D, DV, *_strides(q),
-        BT=CHUNK, BK=BK, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
+        BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
         PRECISION=precision)
     grad_dtype = torch.float32
     dq = _alloc((B, H, T, D), grad_dtype, q.device)

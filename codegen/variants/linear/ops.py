@@ -39,11 +39,11 @@ reference_op(linear_attention, reference, tensors=5)
 def kernel_spec(q, k, *, causal: bool, feature_map: str, normalize: bool, decay: str, padded: bool,
                 fp32_out: bool = False) -> emit.KernelSpec:
     """The chunked template's specialization (named in reports): linear_chunked_elu1_causal_norm_..."""
-    constants: list[tuple[str, object]] = [("", feature_map), ("causal", causal), ("norm", normalize),
-                                           ("decay", decay if decay != "none" else ""),
-                                           ("d", int(q.shape[-1])), ("g", int(q.shape[-3] // k.shape[-3])),
-                                           ("padded", padded), ("", emit.dtype_name(q.dtype)),
-                                           ("fp32out", fp32_out)]
+    constants: list[tuple[str, object]] = [("", feature_map), ("causal", causal), ("norm", normalize)]
+    if decay != "none":
+        constants.append(("decay_", decay))
+    constants += [("d", int(q.shape[-1])), ("g", int(q.shape[-3] // k.shape[-3])), ("padded", padded),
+                  ("", emit.dtype_name(q.dtype)), ("fp32out", fp32_out)]
     return emit.KernelSpec("linear_chunked", chunked.__name__, tuple(constants))
 
 
@@ -72,7 +72,7 @@ def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
 @linear_chunked.register_fake
 def _(q, k, v, key_padding, decay, causal, feature_map, normalize, eps, fp32_out):
     s_shape, z_shape = _state_shapes(q, k, v, decay, causal)
-    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    state_dtype = torch.float32 if q.dtype == torch.float32 or fp32_out else q.dtype
     return (q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32 if fp32_out else q.dtype),
             q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(s_shape, dtype=state_dtype),
             q.new_empty(z_shape, dtype=torch.float32))

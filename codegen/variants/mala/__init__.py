@@ -12,6 +12,8 @@ from attncc.errors import PolicyError
 from attncc.facts import SiteFacts
 
 from ..base import SiteCall, Variant
+from ..linear import chunked
+from ..linear import ops as linear_ops
 from . import ops
 
 
@@ -31,14 +33,23 @@ class MalaVariant(Variant):
     config = Mala
     title = "MALA"
     scaled = False
+    kernel = "linear_chunked"
 
     def constants(self, site: SiteFacts, config: Mala) -> dict:
         return dict(causal=site.causal, sim_scale=config.sim_scale)
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         c = call.constants
-        call.ran_reference(q, k, v)
-        return ops.mala_attention(q, k, v, call.keys(mask, q.shape[0]), c["causal"], c["sim_scale"])
+        keys = call.keys(mask, q.shape[0])
+        why = chunked.supports(q.shape[-1], v.shape[-1], q.dtype, "elu1") if q.dim() == 4 else \
+            "MALA's kernel needs 4-D [B, H, T, D] tensors"
+        if why or not call.use_kernels(q, k, v):
+            call.ran_reference(q, k, v, why=why)
+            return ops.mala_attention(q, k, v, keys, c["causal"], c["sim_scale"])
+        spec = linear_ops.kernel_spec(q, k, causal=c["causal"], feature_map="elu1", normalize=False, decay="none",
+                                      padded=keys is not None, fp32_out=True)
+        call.ran(f"mala on {spec.name}")
+        return ops.from_linear_sums(q, k, v, keys, c["causal"], c["sim_scale"])
 
 
 VARIANT = MalaVariant()

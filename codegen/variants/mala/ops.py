@@ -1,11 +1,14 @@
-"""The MALA variant's op: attncc::mala_attention(q, k, v, key_padding?, causal, sim_scale?).
-It runs the reference (reference.py); its gradient recomputes the reference (base.reference_op)."""
+"""The MALA variant's ops. attncc::mala_attention(q, k, v, key_padding?, causal, sim_scale?) runs the
+reference (reference.py; its backward op differentiates it, base.reference_op). On the kernel path,
+`from_linear_sums` builds MALA on linear's chunked kernels (VARIANTS.md §6.5: the chunked algorithm
+plus the carried Σ φ(k) and Σ v)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..base import reference_op
+from ..linear import ops as linear_ops
 from .reference import mala_attention as _mala
 
 
@@ -20,3 +23,28 @@ def mala_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
 
 
 reference_op(mala_attention, reference, tensors=4)
+
+
+def from_linear_sums(q, k, v, key_padding, causal, sim_scale, eps: float = 1e-6):
+    """MALA on the linear kernels: Σ φ(q)·φ(k) v and Σ φ(q)·φ(k) (elu1, unnormalized, fp32) from
+    attncc::linear_chunked, then the per-row β, γ correction and Σ v (prefix sums when causal) in
+    PyTorch, differentiable through the kernel's backward. Same formula as reference.py."""
+    num, den, _, _ = linear_ops.linear_chunked(q, k, v, key_padding, None, causal, "elu1", False, 0.0, True)
+    B, H, T, D = q.shape
+    group = H // k.shape[1]
+    valid = q.new_ones(1, 1, T, 1, dtype=torch.float32)
+    if key_padding is not None:
+        valid = key_padding[:, None, :, None].float()
+    v_valid = v.float() * valid
+    if causal:  # prefix sums along the last dim (a parallel scan; along dim 2 CUDA scans each column serially)
+        v_sum = v_valid.transpose(-1, -2).contiguous().cumsum(dim=-1).transpose(-1, -2)
+        count = valid.transpose(-1, -2).contiguous().cumsum(dim=-1).transpose(-1, -2)
+    else:
+        v_sum, count = v_valid.sum(dim=2, keepdim=True), valid.sum(dim=2, keepdim=True)
+    v_sum = v_sum.repeat_interleave(group, dim=1) if group > 1 else v_sum
+    count = count.clamp(min=1)
+    c = (D ** -0.5 if sim_scale is None else sim_scale) / count
+    z = c * den.unsqueeze(-1)
+    beta = 1 + 1 / (z + eps)
+    gamma = z / count
+    return (beta * c * num - gamma * v_sum).to(q.dtype)
