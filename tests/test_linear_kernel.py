@@ -172,3 +172,40 @@ def test_mala_bf16_on_gpu():
     want = mala_ops.reference(q.float(), k.float(), v.float(), key_padding, True, None)
     err = ((got.float() - want).abs().max() / want.abs().max()).item()
     assert err < 3e-2, err
+
+
+# --- the recurrent form: state in, state out (what decoding continues from) ------------------------
+
+@pytest.mark.parametrize("decay", ["none", "lightning"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_state_in_state_out_continues_the_sequence(decay, normalize):
+    """Prefill [0, t1) and then continue from its final state, chunk by chunk and token by token (the
+    recurrent form a decoder steps with): the same outputs and the same final state as one call."""
+    p = dict(B=2, H=4, Hkv=2, T=75, D=16, Dv=16, causal=True, feature_map="elu1", normalize=normalize, decay=decay,
+             padded=False)
+    q, k, v, _, rates = (x.detach() if isinstance(x, torch.Tensor) else x for x in _inputs(p))
+    kwargs = dict(decay=rates, causal=True, feature_map="elu1", normalize=normalize, eps=1e-6)
+    whole, _, _, final = chunked.linear_fwd(q, k, v, **kwargs)
+    t1 = 67
+    first, _, _, state = chunked.linear_fwd(q[:, :, :t1], k[:, :, :t1], v[:, :, :t1], **kwargs)
+    outs = [first]
+    for t in range(t1, 75):  # one token at a time
+        o, _, _, state = chunked.linear_fwd(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], initial_state=state,
+                                            **kwargs)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, dim=2), whole, rtol=1e-4, atol=1e-4)
+    for a, b in zip(state, final):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_final_state_is_the_sum_it_stands_for():
+    """S = Σ_s λ^{T-1-s} φ(k_s) v_sᵀ and z = Σ_s λ^{T-1-s} φ(k_s), written out."""
+    p = dict(B=1, H=2, Hkv=2, T=70, D=16, Dv=8, causal=True, feature_map="elu1", normalize=True, decay="lightning",
+             padded=False)
+    q, k, v, _, rates = (x.detach() if isinstance(x, torch.Tensor) else x for x in _inputs(p))
+    _, _, _, (s, z) = chunked.linear_fwd(q, k, v, decay=rates, causal=True, feature_map="elu1", normalize=True,
+                                         eps=1e-6)
+    phik = torch.nn.functional.elu(k) + 1
+    weight = torch.exp(-rates.view(1, -1, 1) * torch.arange(69, -1, -1).view(1, 1, -1))  # [1, H, T]
+    torch.testing.assert_close(s, torch.einsum("bht,bhtd,bhte->bhde", weight, phik, v), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(z, torch.einsum("bht,bhtd->bhd", weight, phik), rtol=1e-4, atol=1e-4)
