@@ -57,6 +57,8 @@ def supports(head_dim: int, value_dim: int, dtype: torch.dtype, feature_map: str
         return f"linear kernel: head dims up to {MAX_HEAD_DIM}, got {head_dim} and {value_dim}"
     if dtype not in DTYPES:
         return f"linear kernel: dtype {dtype} is not supported (float16, bfloat16, float32)"
+    if dtype == torch.float32 and max(head_dim, value_dim) > 64 and not _interpreting():
+        return "linear kernel: float32 with head dims above 64 needs more shared memory than the GPU has"
     return None
 
 
@@ -386,7 +388,7 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     rates, has_decay = _rates(decay, q.device)
     HS = H if has_decay else HKV
     precision = _precision(q.dtype)
-    state_dtype = torch.float32 if torch.float32 in (q.dtype, out_dtype) else q.dtype
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     chunk_states = _alloc((B, HS, NC, D, DV), state_dtype, q.device) if causal else q.new_empty(0)
     chunk_z = _alloc((B, HS, NC, D), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
     final_s = _alloc((B, HS, D, DV), torch.float32, q.device)

@@ -72,7 +72,7 @@ def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_paddin
 @linear_chunked.register_fake
 def _(q, k, v, key_padding, decay, causal, feature_map, normalize, eps, fp32_out):
     s_shape, z_shape = _state_shapes(q, k, v, decay, causal)
-    state_dtype = torch.float32 if q.dtype == torch.float32 or fp32_out else q.dtype
+    state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     return (q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32 if fp32_out else q.dtype),
             q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(s_shape, dtype=state_dtype),
             q.new_empty(z_shape, dtype=torch.float32))
