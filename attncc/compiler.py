@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from attncc.errors import VerificationError
-from attncc.codegen.variants import KERNEL_CHOICES, variant_for
+from attncc.codegen.variants import KERNEL_CHOICES
 from attncc.passes.context import Context, Options
 from attncc.passes.pipeline import run_pipeline
 from attncc.policy import Policy, load_policy
@@ -82,7 +82,6 @@ class Backend:
         global _LAST
         _LAST = self
         _warn_if_nothing_found(ctx, self.policy)
-        _warn_if_no_kernel(ctx)
         for problem in ctx.policy_warnings:
             warnings.warn(f"{problem} (in this graph; attncc.explain checks the whole model)", stacklevel=2)
         if not ctx.report.count("rewritten"):
@@ -183,17 +182,6 @@ def _marking_run(compiled: Callable, report: Report) -> Callable:
     if hasattr(compiled, "_boxed_call"):
         run._boxed_call = compiled._boxed_call
     return run
-
-
-def _warn_if_no_kernel(ctx: Context) -> None:
-    """kernels='triton' asks for kernels: say which rewritten sites have none (they run the reference)."""
-    if ctx.options.kernels != "triton":
-        return
-    missing = sorted({s.variant.variant for s in ctx.sites if s.site.status == "rewritten" and s.kind == "attention"
-                      and variant_for(s.variant).kernel is None})
-    if missing:
-        warnings.warn(f"kernels='triton': {', '.join(missing)} sites have no Triton kernel yet; they run the "
-                      "reference (explain's `kernel` column shows what each site ran)", stacklevel=3)
 
 
 def _warn_if_nothing_found(ctx: Context, policy: Policy) -> None:

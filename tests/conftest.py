@@ -56,7 +56,8 @@ def poison_kernel_outputs(monkeypatch):
     The import stays here, after TRITON_INTERPRET is set above."""
     from attncc.codegen.variants.linear import chunked
     from attncc.codegen.variants.softmax import flash
+    from attncc.codegen.variants.softplus import flash as softplus_flash
 
-    for module in (flash, chunked):
+    for module in (flash, chunked, softplus_flash):
         monkeypatch.setattr(module, "_alloc", _poisoned_alloc)
     yield

@@ -21,6 +21,7 @@ probability). AOT traces through the call, so the constants specialize the ops i
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
@@ -104,8 +105,12 @@ class SiteCall:
         """Record that the reference runs: because `kernels` says so, else because of `why`."""
         if not self.use_kernels(*tensors):
             self.ran("reference")
-        else:
-            self.ran(f"reference ({why or f'no {self.variant.name} kernel yet'})")
+            return
+        why = why or f"no {self.variant.name} kernel yet"
+        self.ran(f"reference ({why})")
+        if self.kernels == "triton":  # kernels were asked for everywhere: say so where the choice is made
+            warnings.warn(f"kernels='triton': the {self.variant.name} site {self.key} runs the reference ({why}); "
+                          "explain's `kernel` column shows what each site ran", stacklevel=2)
 
     def keys(self, mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """The key padding [B, Tk] of this call's mask, its structure checked (MaskMismatch if it

@@ -11,7 +11,7 @@ from attncc.config import VariantConfig
 from attncc.facts import SiteFacts
 
 from ..base import SiteCall, Variant
-from . import ops
+from . import flash, ops
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,21 @@ class SoftplusVariant(Variant):
     config = Softplus
     title = "softplus attention"
     scaled = False
+    kernel = "lssa_flash"  # LSSA; LSSAR (reweight_p > 0) runs the reference
 
     def constants(self, site: SiteFacts, config: Softplus) -> dict:
         return dict(causal=site.causal, reweight_p=float(config.reweight_p))
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         c = call.constants
-        call.ran_reference(q, k, v)
-        return ops.softplus_attention(q, k, v, call.keys(mask, q.shape[0]), c["causal"], c["reweight_p"])
+        keys = call.keys(mask, q.shape[0])
+        why = flash.supports(q.shape[-1], v.shape[-1], q.dtype, c["reweight_p"]) if q.dim() == 4 else \
+            "softplus kernel needs 4-D [B, H, T, D] tensors"
+        if why or not call.use_kernels(q, k, v):
+            call.ran_reference(q, k, v, why=why)
+            return ops.softplus_attention(q, k, v, keys, c["causal"], c["reweight_p"])
+        call.ran(ops.kernel_spec(q, k, causal=c["causal"], padded=keys is not None).name)
+        return ops.lssa(q, k, v, keys, c["causal"])
 
 
 VARIANT = SoftplusVariant()

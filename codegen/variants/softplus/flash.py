@@ -1,0 +1,257 @@
+"""LSSA softplus attention in Triton, flash-style, forward and backward (VARIANTS.md §5.1, §5.4).
+
+With q̂, k̂ the l2-normalized rows (normalized by the caller, so autograd differentiates the
+normalization) and c_i = log(D)·log(n_i) per query row (n_i its number of allowed keys):
+
+    a_ij = softplus(c_i · q̂_i·k̂_j)  for j in A_i (j <= i when causal, minus padded keys), else 0
+    l_i  = Σ_j a_ij,   o_i = Σ_j a_ij v_j / (l_i + eps)
+
+|c_i q̂·k̂| <= log D · log N (about 50 at D = 128, N = 32768), so a_ij stays finite in fp32 and no
+running maximum is needed: the numerator and the normalizer accumulate in one pass over the keys,
+O(N·D) memory, key tiles past the causal limit skipped. A row with no allowed key has l = 0, o = 0.
+
+Backward, with r_i = 1/(l_i + eps) and δ_i = -r_i (do_i·o_i) (precomputed, one row each):
+
+    da_ij = r_i (do_i·v_j) + δ_i,   ds_ij = da_ij · c_i · sigmoid(c_i q̂_i·k̂_j)   (allowed pairs)
+    dq̂_i = Σ_j ds_ij k̂_j,   dk̂_j = Σ_i ds_ij q̂_i,   dv_j = Σ_i r_i a_ij do_i
+
+`_dq` runs one program per query tile over the key tiles; `_dkv` one per key tile and kv head over
+the query tiles of every query head of its GQA group (dk, dv of a kv head sum over its group).
+LSSAR (reweight_p > 0) needs the whole row sum before any weight and runs the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+def supports(head_dim: int, value_dim: int, dtype: torch.dtype, reweight_p: float) -> str | None:
+    """Why these kernels cannot serve the configuration (the reference runs instead), or None."""
+    if reweight_p > 0:
+        return "no LSSAR kernel yet: reweight_p > 0"
+    if not (1 <= head_dim <= MAX_HEAD_DIM and 1 <= value_dim <= MAX_HEAD_DIM):
+        return f"softplus kernel: head dims up to {MAX_HEAD_DIM}, got {head_dim} and {value_dim}"
+    if dtype not in DTYPES:
+        return f"softplus kernel: dtype {dtype} is not supported (float16, bfloat16, float32)"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    """Every buffer the launchers hand to a kernel comes from here (the tests fill it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
+    ok = (rm[:, None] < TQ) & (rn[None, :] < TK)
+    if CAUSAL:
+        ok = ok & (rn[None, :] <= rm[:, None])
+    if PADDED:
+        ok = ok & (tl.load(kp_ptr + b * stride_kpb + rn, mask=rn < TK, other=0) != 0)[None, :]
+    return ok
+
+
+@triton.jit
+def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, kp_ptr, o_ptr, l_ptr,
+         TQ, TK, H, HKV, D, DV, eps,
+         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+         stride_kpb,
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+         PADDED: tl.constexpr, PRECISION: tl.constexpr):
+    pm = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    rm = pm * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
+                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
+    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+    acc = tl.zeros((BM, BDV), dtype=tl.float32)
+    l = tl.zeros((BM,), dtype=tl.float32)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pm + 1) * BM)
+    for start in range(0, hi, BN):
+        rn = start + tl.arange(0, BN)
+        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
+                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
+                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED), _softplus(c[:, None] * s), 0.0)
+        acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
+        l += tl.sum(a, axis=1)
+    o = acc / (l + eps)[:, None]
+    tl.store(o_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=(rm[:, None] < TQ) & (rdv[None, :] < DV))
+    tl.store(l_ptr + bh * TQ + rm, l, mask=rm < TQ)
+
+
+@triton.jit
+def _dq(q_ptr, k_ptr, v_ptr, c_ptr, kp_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr,
+        TQ, TK, H, HKV, D, DV,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_kpb,
+        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+        PADDED: tl.constexpr, PRECISION: tl.constexpr):
+    pm = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    rm = pm * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
+                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
+    do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], mask=(rm[:, None] < TQ) & (rdv[None, :] < DV),
+                 other=0.0)
+    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+    r = tl.load(r_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
+    delta = tl.load(delta_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
+    dq = tl.zeros((BM, BD), dtype=tl.float32)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pm + 1) * BM)
+    for start in range(0, hi, BN):
+        rn = start + tl.arange(0, BN)
+        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
+                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
+                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
+        x = c[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        da = tl.dot(do, tl.trans(v), input_precision=PRECISION) * r[:, None] + delta[:, None]
+        ds = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED),
+                      da * c[:, None] * tl.sigmoid(x), 0.0)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    tl.store(dq_ptr + (bh * TQ + rm[:, None]) * D + rd[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=(rm[:, None] < TQ) & (rd[None, :] < D))
+
+
+@triton.jit
+def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, kp_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr,
+         TQ, TK, H, HKV, D, DV,
+         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+         stride_kpb,
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+         PADDED: tl.constexpr, PRECISION: tl.constexpr):
+    pn = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = bkv // HKV
+    kvh = bkv % HKV
+    group = H // HKV
+    rn = pn * BN + tl.arange(0, BN)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
+                mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
+    v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
+                mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
+    dk = tl.zeros((BN, BD), dtype=tl.float32)
+    dv = tl.zeros((BN, BDV), dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pn * BN // BM) * BM
+    for g in range(group):
+        h = kvh * group + g
+        bh = b * H + h
+        for start in range(lo, TQ, BM):
+            rm = start + tl.arange(0, BM)
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
+                        mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
+            do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :],
+                         mask=(rm[:, None] < TQ) & (rdv[None, :] < DV), other=0.0)
+            c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+            r = tl.load(r_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
+            delta = tl.load(delta_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
+            x = c[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
+            a = tl.where(allowed, _softplus(x), 0.0)
+            da = tl.dot(do, tl.trans(v), input_precision=PRECISION) * r[:, None] + delta[:, None]
+            ds = tl.where(allowed, da * c[:, None] * tl.sigmoid(x), 0.0)
+            dv += tl.dot(tl.trans((a * r[:, None]).to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    tl.store(dk_ptr + (bkv * TK + rn[:, None]) * D + rd[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=(rn[:, None] < TK) & (rd[None, :] < D))
+    tl.store(dv_ptr + (bkv * TK + rn[:, None]) * DV + rdv[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=(rn[:, None] < TK) & (rdv[None, :] < DV))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
+
+
+def _config(D: int, DV: int) -> dict:
+    if _interpreting():
+        return dict(BM=16, BN=16, num_warps=4, num_stages=1)
+    return dict(BM=64, BN=64, num_warps=4, num_stages=2)
+
+
+def _common(q, k, v, key_padding):
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if key_padding is None:
+        kp, stride_kpb, padded = q.new_zeros(1, dtype=torch.int8), 0, False
+    else:
+        kp = key_padding.to(torch.int8).contiguous()
+        stride_kpb, padded = kp.stride(0), True
+    D, DV = q.shape[-1], v.shape[-1]
+    blocks = dict(BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)))
+    return q, k, v, kp, stride_kpb, padded, blocks
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def lssa_fwd(q, k, v, c, *, key_padding=None, causal: bool, eps: float):
+    """(o [B, H, Tq, Dv] in q's dtype, l [B, H, Tq] fp32). q, k: l2-normalized rows; c [B, Tq] fp32."""
+    B, H, TQ, D = q.shape
+    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
+    config = _config(D, DV)
+    o = _alloc((B, H, TQ, DV), q.dtype, q.device)
+    l = _alloc((B, H, TQ), torch.float32, q.device)
+    _fwd[(triton.cdiv(TQ, config["BM"]), B * H)](
+        q, k, v, c.contiguous(), kp, o, l, TQ, TK, H, HKV, D, DV, float(eps),
+        *_strides(q), *_strides(k), *_strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
+        PRECISION=_precision(q.dtype), **blocks, **config)
+    return o, l
+
+
+def lssa_bwd(do, q, k, v, c, o, l, *, key_padding=None, causal: bool, eps: float):
+    """(dq̂, dk̂, dv) of lssa_fwd's output."""
+    B, H, TQ, D = q.shape
+    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
+    config = _config(D, DV)
+    r = 1.0 / (l + eps)
+    delta = (-(do.float() * o.float()).sum(-1) * r).contiguous()
+    do = do.to(q.dtype).contiguous()
+    c = c.contiguous()
+    dq = _alloc((B, H, TQ, D), q.dtype, q.device)
+    dk = _alloc((B, HKV, TK, D), k.dtype, q.device)
+    dv = _alloc((B, HKV, TK, DV), v.dtype, q.device)
+    common = (TQ, TK, H, HKV, D, DV, *_strides(q), *_strides(k), *_strides(v), stride_kpb)
+    flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=_precision(q.dtype), **blocks, **config)
+    _dq[(triton.cdiv(TQ, config["BM"]), B * H)](q, k, v, c, kp, do, r, delta, dq, *common, **flags)
+    _dkv[(triton.cdiv(TK, config["BN"]), B * HKV)](q, k, v, c, kp, do, r, delta, dk, dv, *common, **flags)
+    return dq, dk, dv
