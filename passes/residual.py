@@ -42,7 +42,7 @@ from typing import Any, Iterator
 import torch
 import torch.fx as fx
 
-from attncc.codegen.variants.attnres.reference import attnres
+from attncc.codegen.variants.attnres import aggregate as attnres_aggregate
 from attncc.errors import AttnccError
 from attncc.fx import (layer_of, meta_value, module_stack, orphaned, owning_module, read_nodes, remove_dead, shape_of,
                        static_int)
@@ -238,7 +238,8 @@ def rewrite_residual(ctx: Context) -> None:
         if discovery is not None:  # attncc.prepare's trace: record, report what the rewrite will do
             discovery.append(needs)
         else:
-            _rewrite_stream(ctx, stream, variant.block_size, _parameters(anchors, needs))
+            _rewrite_stream(ctx, stream, variant.block_size, _parameters(anchors, needs),
+                            [state.key for state in stream_states])
         for state, reason in zip(stream_states, reasons):
             state.site.status, state.site.reason, state.site.kernel = "rewritten", reason, "reference"
     remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # eliminate_dead_code would drop dynamo's effect nodes
@@ -314,8 +315,11 @@ def _refusal(stream: Stream, n_streams: int) -> str | None:
     return None
 
 
-def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Parameters) -> None:
-    """Replace sublayer l's input by attnres(sources_l) and the stream's end by the output aggregation."""
+def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Parameters, keys: list[str]) -> None:
+    """Replace sublayer l's input by attnres(sources_l) and the stream's end by the output aggregation.
+
+    Each aggregation is `attnres.aggregate` (the fused kernel or the reference, as `kernels` says); it records
+    what it runs into sublayer l's report row (`keys[l]`; the output aggregation has no row of its own)."""
     graph = ctx.gm.graph
     created: set[fx.Node] = set()
     cursor = stream.start
@@ -328,11 +332,12 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Param
         cursor = node
         return node
 
-    def aggregate(sources: list[fx.Node], key: str, like_node: fx.Node) -> fx.Node:
+    def aggregate(sources: list[fx.Node], key: str, like_node: fx.Node, site: str = "") -> fx.Node:
         if len(sources) == 1:
             return sources[0]
         query, norm_weight, eps = params[key]
-        node = insert("call_function", attnres, (list(sources), query, norm_weight), {"eps": eps})
+        node = insert("call_function", attnres_aggregate, (list(sources), query, norm_weight),
+                      {"eps": eps, "kernels": ctx.options.kernels, "site": site})
         node.meta["example_value"] = meta_value(like_node)
         node.meta["nn_module_stack"] = dict(like_node.meta.get("nn_module_stack", {}))
         return node
@@ -346,7 +351,7 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Param
     for l, match in enumerate(stream.matches):
         sources = blocks + ([partial] if partial is not None else [])
         if l > 0:
-            redirect(match.stream, aggregate(sources, f"sublayer_{l}", match.stream))
+            redirect(match.stream, aggregate(sources, f"sublayer_{l}", match.stream, keys[l]))
         contribution = match.branch if match.pattern == "prenorm_residual" else match.output
         cursor = match.output
         partial = contribution if partial is None else insert("call_function", operator.add, (partial, contribution))

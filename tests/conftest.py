@@ -50,14 +50,15 @@ def _poisoned_alloc(shape, dtype, device):
 def poison_kernel_outputs(monkeypatch):
     """Every buffer the kernels' launchers allocate (outputs, lse, states, gradients) starts as NaN, in
     every test that reaches the kernels (test_flash_kernel.py, test_linear_kernel.py, test_ops.py,
-    kernels="triton"),
+    test_attnres_kernel.py, kernels="triton"),
     the way flash-linear-attention's tests/ops/conftest.py patches the allocators. The launchers look
     `_alloc` up as a module global at each call, so patching the module attribute reaches them all.
     The import stays here, after TRITON_INTERPRET is set above."""
+    from attncc.codegen.variants.attnres import fused
     from attncc.codegen.variants.linear import chunked
     from attncc.codegen.variants.softmax import flash
     from attncc.codegen.variants.softplus import flash as softplus_flash
 
-    for module in (flash, chunked, softplus_flash):
+    for module in (flash, chunked, softplus_flash, fused):
         monkeypatch.setattr(module, "_alloc", _poisoned_alloc)
     yield

@@ -1,6 +1,7 @@
 """attnres: Attention Residuals, softmax attention over depth (VARIANTS.md §9); and residual `keep`.
 
-The residual stream's rewrite is passes/residual.py; the aggregation it inserts is reference.py.
+The residual stream's rewrite is passes/residual.py; the aggregation it inserts is `aggregate` (ops.py):
+the fused Triton kernel (fused.py) on CUDA or with kernels="triton", else reference.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from attncc.config import VariantConfig
+
+from .ops import aggregate
 
 
 @dataclass(frozen=True)
