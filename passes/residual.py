@@ -235,13 +235,17 @@ def rewrite_residual(ctx: Context) -> None:
         needs = _needs(stream)
         reasons = [_describe(stream, l) + "; " + _conversion(stream, l, variant.block_size)
                    for l in range(len(stream.matches))]  # before the rewrite rewires what they describe
-        if discovery is not None:  # attncc.prepare's trace: record, report what the rewrite will do
+        if discovery is not None:  # attncc.prepare's trace: record what the stream needs, rewrite nothing
             discovery.append(needs)
-        else:
-            _rewrite_stream(ctx, stream, variant.block_size, _parameters(anchors, needs),
-                            [state.key for state in stream_states])
-        for state, reason in zip(stream_states, reasons):
-            state.site.status, state.site.reason, state.site.kernel = "rewritten", reason, "reference"
+            for state, reason in zip(stream_states, reasons):
+                state.site.status, state.site.reason = "kept", reason + "; attncc.prepare's trace: not rewritten"
+            continue
+        _rewrite_stream(ctx, stream, variant.block_size, _parameters(anchors, needs),
+                        [state.key for state in stream_states])
+        for l, (state, reason) in enumerate(zip(stream_states, reasons)):
+            state.site.status, state.site.reason = "rewritten", reason
+            if l == 0:  # one source: no aggregation runs (the others record what they run, when they run)
+                state.site.kernel = "none (one source)"
     remove_dead(ctx.gm.graph, orphaned(ctx.gm.graph, before))  # eliminate_dead_code would drop dynamo's effect nodes
     ctx.gm.graph.lint()
 
