@@ -46,19 +46,29 @@ def _poisoned_alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _kernel_modules() -> list:
+    """Every module under codegen/variants that allocates kernel buffers through an `_alloc` function:
+    a new kernel module is poisoned without being listed here."""
+    import importlib
+    import pkgutil
+
+    import attncc.codegen.variants as variants
+
+    found = []
+    for info in pkgutil.walk_packages(variants.__path__, variants.__name__ + "."):
+        module = importlib.import_module(info.name)
+        if callable(getattr(module, "_alloc", None)):
+            found.append(module)
+    return found
+
+
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer the kernels' launchers allocate (outputs, lse, states, gradients) starts as NaN, in
-    every test that reaches the kernels (test_flash_kernel.py, test_linear_kernel.py, test_ops.py,
-    test_attnres_kernel.py, kernels="triton"),
-    the way flash-linear-attention's tests/ops/conftest.py patches the allocators. The launchers look
-    `_alloc` up as a module global at each call, so patching the module attribute reaches them all.
-    The import stays here, after TRITON_INTERPRET is set above."""
-    from attncc.codegen.variants.attnres import fused
-    from attncc.codegen.variants.linear import chunked
-    from attncc.codegen.variants.softmax import flash
-    from attncc.codegen.variants.softplus import flash as softplus_flash
-
-    for module in (flash, chunked, softplus_flash, fused):
+    every test that reaches the kernels (the *_kernel.py tests, test_ops.py, kernels="triton"), the way
+    flash-linear-attention's tests/ops/conftest.py patches the allocators. The launchers look `_alloc`
+    up as a module global at each call, so patching the module attribute reaches them all. The imports
+    happen here, after TRITON_INTERPRET is set above."""
+    for module in _kernel_modules():
         monkeypatch.setattr(module, "_alloc", _poisoned_alloc)
     yield

@@ -46,3 +46,22 @@ def test_every_package_folder_is_installed():
             found.add(".".join((name, *parts)))
     assert found == listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}; " \
                             f"remove: {sorted(listed - found)}"
+
+
+def test_every_kernel_module_allocates_through_the_poisoned_allocator():
+    """conftest.py fills every buffer a kernel module allocates with NaN; that needs the module's
+    launchers to allocate through its `_alloc` (the fixture finds and patches every such module)."""
+    import inspect
+    import importlib
+    import pkgutil
+
+    import attncc.codegen.variants as variants
+    from conftest import _poisoned_alloc
+
+    kernels = []
+    for info in pkgutil.walk_packages(variants.__path__, variants.__name__ + "."):
+        module = importlib.import_module(info.name)
+        if "@triton.jit" in inspect.getsource(module):
+            kernels.append(module)
+            assert getattr(module, "_alloc", None) is _poisoned_alloc, f"{info.name} has no patched _alloc"
+    assert len(kernels) >= 4
