@@ -13,6 +13,8 @@ from attncc.config import VariantConfig
 
 from .ops import aggregate
 
+__all__ = ["AttnRes", "ResidualKeep", "aggregate"]
+
 
 @dataclass(frozen=True)
 class ResidualKeep(VariantConfig):
