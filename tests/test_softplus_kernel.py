@@ -1,9 +1,10 @@
-"""The LSSA kernels (codegen/variants/softplus/flash.py) against the softplus reference.
+"""The LSSA and LSSAR kernels (codegen/variants/softplus/flash.py) against the softplus reference.
 
 The reference is checked against independent float64 computations in test_reference_softplus.py.
 CPU: the Triton interpreter in float32 (causal and bidirectional, GQA, key padding, odd lengths, a
 head dim that is not a power of two), outputs and all three gradients through `ops.lssa` (which
-normalizes the rows and computes the row scales), NaN-poisoned buffers (conftest.py). GPU: bfloat16.
+normalizes the rows and computes the row scales), NaN-poisoned buffers (conftest.py). LSSAR through
+`ops.lssar` the same way, at p = 3 and 15, with rows that keep no entry and fall back to LSSA. GPU: bfloat16.
 """
 
 from __future__ import annotations
@@ -73,8 +74,79 @@ def test_opcheck(p):
 
 
 def test_supports_names_what_it_cannot_do():
-    assert "LSSAR" in flash.supports(64, 64, torch.bfloat16, 15.0)
+    assert "head dims" in flash.supports(256, 64, torch.bfloat16, 15.0)
+    assert "dtype" in flash.supports(64, 64, torch.float64, 0.0)
     assert flash.supports(128, 128, torch.bfloat16, 0.0) is None
+    assert flash.supports(128, 128, torch.bfloat16, 15.0) is None
+
+
+# --- LSSAR (reweight_p > 0) ---------------------------------------------------------------------------
+
+LSSAR_CASES = [
+    pytest.param(15.0, CASES[0].values[0], id="p15-" + CASES[0].id),
+    pytest.param(3.0, CASES[1].values[0], id="p3-" + CASES[1].id),
+    pytest.param(15.0, CASES[2].values[0], id="p15-" + CASES[2].id),
+    pytest.param(3.0, CASES[3].values[0], id="p3-" + CASES[3].id),
+    pytest.param(15.0, CASES[4].values[0], id="p15-" + CASES[4].id),
+]
+
+
+def _check_lssar(q, k, v, key_padding, causal, reweight_p, tol=1e-4):
+    got = ops.lssar(q, k, v, key_padding, causal, reweight_p)
+    want = ops.reference(q, k, v, key_padding, causal, reweight_p)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    grad = torch.randn_like(want)
+    for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad)):
+        scale = b.abs().max().clamp(min=1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=tol, atol=tol, msg=lambda m: f"d{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("reweight_p,p", LSSAR_CASES)
+def test_lssar_kernel_matches_the_reference(reweight_p, p):
+    q, k, v, key_padding = _inputs(p)
+    _check_lssar(q, k, v, key_padding, p["causal"], reweight_p)
+
+
+def test_lssar_rows_that_keep_nothing_fall_back_to_lssa():
+    """Left padding of 5 keys, causal: rows 0-4 see no key (output 0); row 5 sees one key, so n·A1 = 1 and
+    x = 0 (offset 1): it keeps no entry and returns its LSSA output; row 6 on is sharpened."""
+    p = dict(B=1, H=2, Hkv=1, Tq=21, Tk=21, D=16, Dv=16, causal=True, padded=False)
+    q, k, v, _ = _inputs(p)
+    key_padding = torch.ones(1, 21, dtype=torch.bool)
+    key_padding[0, :5] = False
+    got = _check_lssar(q, k, v, key_padding, True, 15.0)
+    assert torch.equal(got[0, :, :5], torch.zeros_like(got[0, :, :5]))
+    lssa = ops.lssa(q, k, v, key_padding, True)
+    torch.testing.assert_close(got[0, :, 5], lssa[0, :, 5])
+    assert not torch.allclose(got[0, :, 6:], lssa[0, :, 6:], rtol=1e-3, atol=1e-3)
+
+
+def test_lssar_uniform_rows():
+    """Constant keys make every row uniform (n·A1 = 1, x ≈ 0 past the first three rows): the output is the
+    mean of the allowed values whichever branch the rounding picks."""
+    p = dict(B=1, H=2, Hkv=2, Tq=19, Tk=19, D=16, Dv=16, causal=False, padded=False)
+    q, k, v, _ = _inputs(p)
+    k = k[:, :, :1].detach().expand_as(k).contiguous()
+    got = ops.lssar(q.detach(), k, v.detach(), None, False, 15.0)
+    want = ops.reference(q.detach(), k, v.detach(), None, False, 15.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, v.detach().mean(-2, keepdim=True).expand_as(got), rtol=1e-4, atol=1e-4)
+
+
+def test_lssar_opcheck():
+    p = CASES[1].values[0]
+    q, k, v, key_padding = _inputs(p)
+    qn, kn = (torch.nn.functional.normalize(x, dim=-1).detach().requires_grad_() for x in (q, k))
+    n = key_padding.float().cumsum(-1)
+    c = 2.0 * torch.log(n.clamp(min=1))
+    torch.library.opcheck(torch.ops.attncc.lssar_flash.default, (qn, kn, v, c, n, key_padding, True, 15.0, ops.EPS))
+
+
+def test_lssar_kernel_name():
+    q, k = torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16)
+    assert ops.kernel_spec(q, k, causal=True, padded=True, reweight_p=15.0).name == \
+        "lssar_flash_p15_causal_d16_g1_padded_fp32"
 
 
 @pytest.mark.gpu
@@ -89,3 +161,24 @@ def test_lssa_bf16_on_gpu(p):
     for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), grad.to(got.dtype)),
                           torch.autograd.grad(want, (q32, k32, v32), grad)):
         assert ((a.float() - b).abs().max() / b.abs().max()).item() < 3e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reweight_p,p", [
+    pytest.param(15.0, case(1, 8, 2, 4096, 64, 64).values[0], id="p15-T4096-causal"),
+    pytest.param(3.0, case(2, 4, 4, 4096, 128, 128, causal=False, padded=True).values[0], id="p3-T4096-bidir-padded"),
+])
+def test_lssar_bf16_on_gpu(reweight_p, p):
+    """Against the fp32 reference on the rows the kernel sees: q̂, k̂ rounded to bf16. Sharpening amplifies
+    that rounding (z = p log x): at p = 15, T = 4096 it alone moves the reference's dk by about 5% (measured
+    on CPU), which would hide the kernel's own error; the gradients still flow through the fp32 normalization."""
+    q, k, v, key_padding = _inputs(p, torch.bfloat16, "cuda")
+    got = ops.lssar(q, k, v, key_padding, p["causal"], reweight_p)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    qn, kn = (torch.nn.functional.normalize(x, dim=-1).to(torch.bfloat16).float() for x in (q32, k32))
+    want = ops.reference(qn, kn, v32, key_padding, p["causal"], reweight_p)
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 2e-2
+    grad = torch.randn_like(want)
+    for name, a, b in zip("qkv", torch.autograd.grad(got, (q, k, v), grad.to(got.dtype)),
+                          torch.autograd.grad(want, (q32, k32, v32), grad)):
+        assert ((a.float() - b).abs().max() / b.abs().max()).item() < 4e-2, name

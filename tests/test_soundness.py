@@ -284,7 +284,7 @@ def test_variant_refuses_a_mask_whose_structure_changes():
 @interpreted
 @pytest.mark.parametrize("variant,ran", [
     ("linear", "linear_chunked_elu1_causal_norm_d16_g1_padded_fp32"),
-    ("softplus", "reference (no LSSAR kernel yet: reweight_p > 0)"),
+    ("softplus", "lssar_flash_p3_causal_d16_g1_padded_fp32"),
     ("mala", "mala on linear_chunked_elu1_causal_d16_g1_padded_fp32_fp32out"),
     ("sparse", "flash_sliding_window_causal_w4_s1_d16_g1_padded_fp32"),
     ("softmax", "flash_dense_causal_d16_g1_padded_fp32"),
@@ -394,10 +394,10 @@ def test_a_refused_attention_op_is_reported_with_its_reason():
 
 
 @interpreted
-@pytest.mark.parametrize("variant", ["softplus"])  # the default reweight_p = 15 is LSSAR, which has no kernel
-def test_triton_kernels_asked_for_a_variant_without_one_warns(variant):
+@pytest.mark.parametrize("variant,policy", [("linear", {"variant": "linear", "feature_map": "taylor2"})])  # no kernel
+def test_triton_kernels_asked_for_a_variant_without_one_warns(variant, policy):
     model = CausalMHA().eval()
-    compiled, be = _compile(model, variant, "triton")
+    compiled = torch.compile(model, backend=attncc.backend({"attention": policy}, inner="aot_eager", kernels="triton"))
     with pytest.warns(UserWarning, match=f"kernels='triton': the {variant} site .* runs the reference"):
         compiled(torch.randint(0, VOCAB, (B, T)), attention_mask=attention_mask("none"))
 

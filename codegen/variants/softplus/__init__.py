@@ -27,7 +27,7 @@ class SoftplusVariant(Variant):
     config = Softplus
     title = "softplus attention"
     scaled = False
-    kernel = "lssa_flash"  # LSSA; LSSAR (reweight_p > 0) runs the reference
+    kernel = "lssa_flash"  # LSSA; LSSAR (reweight_p > 0) runs lssar_flash
 
     def constants(self, site: SiteFacts, config: Softplus) -> dict:
         return dict(causal=site.causal, reweight_p=float(config.reweight_p))
@@ -40,7 +40,9 @@ class SoftplusVariant(Variant):
         if why or not call.use_kernels(q, k, v):
             call.ran_reference(q, k, v, why=why)
             return ops.softplus_attention(q, k, v, keys, c["causal"], c["reweight_p"])
-        call.ran(ops.kernel_spec(q, k, causal=c["causal"], padded=keys is not None).name)
+        call.ran(ops.kernel_spec(q, k, causal=c["causal"], padded=keys is not None, reweight_p=c["reweight_p"]).name)
+        if c["reweight_p"] > 0:
+            return ops.lssar(q, k, v, keys, c["causal"], c["reweight_p"])
         return ops.lssa(q, k, v, keys, c["causal"])
 
 
