@@ -17,6 +17,8 @@ Backward, with r_i = 1/(l_i + eps) and δ_i = -r_i (do_i·o_i) (precomputed, one
 
 `_dq` runs one program per query tile over the key tiles; `_dkv` one per key tile and kv head over
 the query tiles of every query head of its GQA group (dk, dv of a kv head sum over its group).
+LSSA and LSSAR share the kernels: REWEIGHT (a constexpr) adds LSSAR's second pass and terms; in the
+backward an LSSA row is an LSSAR row that kept no entry (da = r·dp + beta with beta = -r D).
 
 LSSAR (reweight_p = p > 0, §5.4), with r_i = 1/(l_i + eps), offset o_i = 0 for query rows 0, 1, 2
 (0-indexed) and 1 otherwise, n_i the row's number of allowed keys:
@@ -24,7 +26,7 @@ LSSAR (reweight_p = p > 0, §5.4), with r_i = 1/(l_i + eps), offset o_i = 0 for 
     x_ij = n_i r_i a_ij − o_i,   kept_ij = allowed and x_ij > 0,   z_ij = p log x_ij (kept, else −inf)
     A2_i = softmax_j z_ij,  out_i = Σ_j A2_ij v_j   if row i keeps any entry (K_i), else the LSSA out_i
 
-`_fwd_r` makes two passes over the keys per query tile. Pass 1 is the LSSA pass (l_i and the LSSA
+With REWEIGHT, `_fwd` makes two passes over the keys per query tile. Pass 1 is the LSSA pass (l_i and the LSSA
 output, which rows without a kept entry return); pass 2 recomputes a_ij, forms x_ij with the full
 l_i and runs an online softmax (running max m_i, sum s_i, accumulator) over z_ij, which never forms
 x^p (overflows fp32 for n ≳ 350 at p = 15). It saves l_i and lse_i = m_i + log s_i (−inf where the
@@ -39,8 +41,8 @@ Backward. With dO_i the output gradient and D_i = dO_i·out_i, P_ij = dO_i·v_j,
     dv_j  = Σ_i A2_ij dO_i
 and for rows without K_i the LSSA gradient da_ij = r_i (P_ij − D_i), dv_j = Σ_i r_i a_ij dO_i. Then
 as in LSSA ds_ij = da_ij · c_i · sigmoid(c_i q̂_i·k̂_j), dq̂_i = Σ_j ds_ij k̂_j, dk̂_j = Σ_i ds_ij q̂_i.
-R_i is a row reduction over all keys, so `_rsum` makes one extra pass per query tile before `_dq_r`
-and `_dkv_r`; the launcher folds the row terms into beta_i = −n_i r_i² R_i (K_i) or −r_i D_i (not K_i),
+R_i is a row reduction over all keys, so `_dq` makes one extra pass per query tile (ROW_SUM) before
+the `_dq` and `_dkv` passes; the launcher folds the row terms into beta_i = −n_i r_i² R_i (K_i) or −r_i D_i (not K_i),
 so da_ij = n_i r_i dx_ij + beta_i or r_i P_ij + beta_i. (Σ_j dz_ij = 0, so R_i = 0 on rows with o_i = 0.)
 These formulas match autograd of the reference in float64 to 1e-15 (tests check the kernels against it).
 """
@@ -52,6 +54,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from .reference import UNSHIFTED_ROWS  # query rows 0, 1, 2 have offset 0
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
@@ -91,205 +95,10 @@ def _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL: tl.constexpr, PADDED
 
 
 @triton.jit
-def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, kp_ptr, o_ptr, l_ptr,
-         TQ, TK, H, HKV, D, DV, eps,
-         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-         stride_kpb,
-         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-         PADDED: tl.constexpr, PRECISION: tl.constexpr):
-    pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    rm = pm * BM + tl.arange(0, BM)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
-    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    acc = tl.zeros((BM, BDV), dtype=tl.float32)
-    l = tl.zeros((BM,), dtype=tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pm + 1) * BM)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED), _softplus(c[:, None] * s), 0.0)
-        acc += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
-        l += tl.sum(a, axis=1)
-    o = acc / (l + eps)[:, None]
-    tl.store(o_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=(rm[:, None] < TQ) & (rdv[None, :] < DV))
-    tl.store(l_ptr + bh * TQ + rm, l, mask=rm < TQ)
-
-
-@triton.jit
-def _dq(q_ptr, k_ptr, v_ptr, c_ptr, kp_ptr, do_ptr, r_ptr, delta_ptr, dq_ptr,
-        TQ, TK, H, HKV, D, DV,
-        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-        stride_kpb,
-        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-        PADDED: tl.constexpr, PRECISION: tl.constexpr):
-    pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    rm = pm * BM + tl.arange(0, BM)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
-    do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], mask=(rm[:, None] < TQ) & (rdv[None, :] < DV),
-                 other=0.0)
-    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    r = tl.load(r_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
-    delta = tl.load(delta_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
-    dq = tl.zeros((BM, BD), dtype=tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pm + 1) * BM)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
-        x = c[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        da = tl.dot(do, tl.trans(v), input_precision=PRECISION) * r[:, None] + delta[:, None]
-        ds = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED),
-                      da * c[:, None] * tl.sigmoid(x), 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + (bh * TQ + rm[:, None]) * D + rd[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=(rm[:, None] < TQ) & (rd[None, :] < D))
-
-
-@triton.jit
-def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, kp_ptr, do_ptr, r_ptr, delta_ptr, dk_ptr, dv_ptr,
-         TQ, TK, H, HKV, D, DV,
-         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-         stride_kpb,
-         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-         PADDED: tl.constexpr, PRECISION: tl.constexpr):
-    pn = tl.program_id(0)
-    bkv = tl.program_id(1)
-    b = bkv // HKV
-    kvh = bkv % HKV
-    group = H // HKV
-    rn = pn * BN + tl.arange(0, BN)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
-    k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
-    dk = tl.zeros((BN, BD), dtype=tl.float32)
-    dv = tl.zeros((BN, BDV), dtype=tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (pn * BN // BM) * BM
-    for g in range(group):
-        h = kvh * group + g
-        bh = b * H + h
-        for start in range(lo, TQ, BM):
-            rm = start + tl.arange(0, BM)
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                        mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
-            do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :],
-                         mask=(rm[:, None] < TQ) & (rdv[None, :] < DV), other=0.0)
-            c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-            r = tl.load(r_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
-            delta = tl.load(delta_ptr + bh * TQ + rm, mask=rm < TQ, other=0.0)
-            x = c[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-            a = tl.where(allowed, _softplus(x), 0.0)
-            da = tl.dot(do, tl.trans(v), input_precision=PRECISION) * r[:, None] + delta[:, None]
-            ds = tl.where(allowed, da * c[:, None] * tl.sigmoid(x), 0.0)
-            dv += tl.dot(tl.trans((a * r[:, None]).to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(dk_ptr + (bkv * TK + rn[:, None]) * D + rd[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=(rn[:, None] < TK) & (rd[None, :] < D))
-    tl.store(dv_ptr + (bkv * TK + rn[:, None]) * DV + rdv[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=(rn[:, None] < TK) & (rdv[None, :] < DV))
-
-
-UNSHIFTED_ROWS = 3  # query rows 0, 1, 2 have offset 0 (reference.UNSHIFTED_ROWS)
-ROW_STATS = 5  # r, lse (0 where not K), K, D, beta: the backward's per-row terms, one [B, H, Tq] plane each
-
-
-@triton.jit
-def _fwd_r(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
-           TQ, TK, H, HKV, D, DV, eps, P,
-           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-           stride_kpb,
-           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-           PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr):
-    pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    rm = pm * BM + tl.arange(0, BM)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
-    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pm + 1) * BM)
-    # pass 1: LSSA (the row sums, and the output of rows that keep no entry)
-    acc1 = tl.zeros((BM, BDV), dtype=tl.float32)
-    l = tl.zeros((BM,), dtype=tl.float32)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED), _softplus(c[:, None] * s), 0.0)
-        acc1 += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
-        l += tl.sum(a, axis=1)
-    r = 1.0 / (l + eps)
-    nr = n * r
-    # pass 2: online softmax over z = p log x on the kept entries
-    acc = tl.zeros((BM, BDV), dtype=tl.float32)
-    m = tl.full((BM,), float("-inf"), dtype=tl.float32)
-    total = tl.zeros((BM,), dtype=tl.float32)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-        x = nr[:, None] * _softplus(c[:, None] * s) - off[:, None]
-        kept = allowed & (x > 0)
-        z = tl.where(kept, P * tl.log(tl.where(kept, x, 1.0)), float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        w = tl.where(kept, tl.exp(z - m_safe[:, None]), 0.0)
-        total = total * alpha + tl.sum(w, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-        m = m_new
-    any_kept = total > 0
-    o = tl.where(any_kept[:, None], acc / tl.where(any_kept, total, 1.0)[:, None], acc1 * r[:, None])
-    lse = tl.where(any_kept, m + tl.log(tl.where(any_kept, total, 1.0)), float("-inf"))
-    tl.store(o_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], o.to(o_ptr.dtype.element_ty),
-             mask=(rm[:, None] < TQ) & (rdv[None, :] < DV))
-    tl.store(l_ptr + bh * TQ + rm, l, mask=rm < TQ)
-    tl.store(lse_ptr + bh * TQ + rm, lse, mask=rm < TQ)
+def _tile(ptr, b, h, rows, cols, stride_b, stride_h, stride_t, T, C):
+    """The [rows, cols] tile of a [B, H, T, C] tensor, zero outside it."""
+    return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + cols[None, :],
+                   mask=(rows[:, None] < T) & (cols[None, :] < C), other=0.0)
 
 
 @triton.jit
@@ -298,82 +107,97 @@ def _row(rows_ptr, i, BHT, bh, TQ, rm):
 
 
 @triton.jit
-def _reweighted(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P):
-    """(a, dx, ds, w) of one tile: dx_ij (0 off the kept entries), ds_ij, and w_ij the weight of dO_i in dv_j."""
+def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
+         TQ, TK, H, HKV, D, DV, eps, P,
+         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+         stride_kpb,
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr):
+    """One query tile: pass 1 is LSSA (row sums l and the LSSA output); with REWEIGHT, pass 2 the online
+    softmax over z = p log x of LSSAR (rows that keep no entry return the LSSA output)."""
+    pm = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    rm = pm * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    q = _tile(q_ptr, b, h, rm, rd, stride_qb, stride_qh, stride_qt, TQ, D)
+    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+    hi = TK
+    if CAUSAL:
+        hi = tl.minimum(TK, (pm + 1) * BM)
+    acc1 = tl.zeros((BM, BDV), dtype=tl.float32)
+    l = tl.zeros((BM,), dtype=tl.float32)
+    for start in range(0, hi, BN):
+        rn = start + tl.arange(0, BN)
+        k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
+        v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED), _softplus(c[:, None] * s), 0.0)
+        acc1 += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
+        l += tl.sum(a, axis=1)
+    r = 1.0 / (l + eps)
+    o = acc1 * r[:, None]
+    if REWEIGHT:
+        n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+        off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
+        nr = n * r
+        acc = tl.zeros((BM, BDV), dtype=tl.float32)
+        m = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BM,), dtype=tl.float32)
+        for start in range(0, hi, BN):
+            rn = start + tl.arange(0, BN)
+            k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
+            v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
+            x = nr[:, None] * _softplus(c[:, None] * s) - off[:, None]
+            kept = allowed & (x > 0)
+            z = tl.where(kept, P * tl.log(tl.where(kept, x, 1.0)), float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            w = tl.where(kept, tl.exp(z - m_safe[:, None]), 0.0)
+            total = total * alpha + tl.sum(w, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+            m = m_new
+        any_kept = total > 0
+        o = tl.where(any_kept[:, None], acc / tl.where(any_kept, total, 1.0)[:, None], o)
+        lse = tl.where(any_kept, m + tl.log(tl.where(any_kept, total, 1.0)), float("-inf"))
+        tl.store(lse_ptr + bh * TQ + rm, lse, mask=rm < TQ)
+    tl.store(o_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=(rm[:, None] < TQ) & (rdv[None, :] < DV))
+    tl.store(l_ptr + bh * TQ + rm, l, mask=rm < TQ)
+
+
+@triton.jit
+def _tile_grads(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P, REWEIGHT: tl.constexpr):
+    """(a, dx, ds, w) of one tile: dx_ij (0 off the kept entries), ds_ij, and w_ij the weight of dO_i in
+    dv_j. Without REWEIGHT (LSSA), every row is an LSSA row: da = r dp + beta."""
     a = tl.where(allowed, _softplus(c[:, None] * s), 0.0)
-    x = (n * r)[:, None] * a - off[:, None]
-    kept = allowed & (x > 0) & kept_row[:, None]
-    xs = tl.where(kept, x, 1.0)
-    a2 = tl.where(kept, tl.exp(P * tl.log(xs) - lse[:, None]), 0.0)
-    dx = tl.where(kept, a2 * (dp - dd[:, None]) * P / xs, 0.0)
-    da = tl.where(kept_row[:, None], (n * r)[:, None] * dx, r[:, None] * dp) + beta[:, None]
+    if REWEIGHT:
+        x = (n * r)[:, None] * a - off[:, None]
+        kept = allowed & (x > 0) & kept_row[:, None]
+        xs = tl.where(kept, x, 1.0)
+        a2 = tl.where(kept, tl.exp(P * tl.log(xs) - lse[:, None]), 0.0)
+        dx = tl.where(kept, a2 * (dp - dd[:, None]) * P / xs, 0.0)
+        da = tl.where(kept_row[:, None], (n * r)[:, None] * dx, r[:, None] * dp) + beta[:, None]
+        w = tl.where(kept_row[:, None], a2, a * r[:, None])
+    else:
+        dx = a * 0.0
+        da = r[:, None] * dp + beta[:, None]
+        w = a * r[:, None]
     ds = tl.where(allowed, da * c[:, None] * tl.sigmoid(c[:, None] * s), 0.0)
-    w = tl.where(kept_row[:, None], a2, a * r[:, None])
     return a, dx, ds, w
 
 
 @triton.jit
-def _rsum(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, big_r_ptr,
-          TQ, TK, H, HKV, D, DV, P, BHT,
-          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-          stride_kpb,
-          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-          PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr):
-    """R_i = Σ_j dx_ij a_ij, one program per query tile."""
-    pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    rm = pm * BM + tl.arange(0, BM)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
-    do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], mask=(rm[:, None] < TQ) & (rdv[None, :] < DV),
-                 other=0.0)
-    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
-    r = _row(rows_ptr, 0, BHT, bh, TQ, rm)
-    lse = _row(rows_ptr, 1, BHT, bh, TQ, rm)
-    kept_row = _row(rows_ptr, 2, BHT, bh, TQ, rm) != 0
-    dd = _row(rows_ptr, 3, BHT, bh, TQ, rm)
-    big_r = tl.zeros((BM,), dtype=tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pm + 1) * BM)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-        a, dx, ds, w = _reweighted(s, allowed, dp, c, n, off, r, lse, kept_row, dd, dd * 0.0, P)
-        big_r += tl.sum(dx * a, axis=1)
-    tl.store(big_r_ptr + bh * TQ + rm, big_r, mask=rm < TQ)
-
-
-@triton.jit
-def _dq_r(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dq_ptr,
-          TQ, TK, H, HKV, D, DV, P, BHT,
-          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-          stride_kpb,
-          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-          PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr):
-    pm = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    rm = pm * BM + tl.arange(0, BM)
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
+def _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm, rd, rdv, TQ, D, DV, BHT,
+              stride_qb, stride_qh, stride_qt, UNSHIFTED: tl.constexpr):
+    """What the backward reads of one query tile: q, dO and the per-row terms."""
+    q = _tile(q_ptr, b, h, rm, rd, stride_qb, stride_qh, stride_qt, TQ, D)
     do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], mask=(rm[:, None] < TQ) & (rdv[None, :] < DV),
                  other=0.0)
     c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
@@ -384,32 +208,61 @@ def _dq_r(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dq_ptr,
     kept_row = _row(rows_ptr, 2, BHT, bh, TQ, rm) != 0
     dd = _row(rows_ptr, 3, BHT, bh, TQ, rm)
     beta = _row(rows_ptr, 4, BHT, bh, TQ, rm)
+    return q, do, c, n, off, r, lse, kept_row, dd, beta
+
+
+@triton.jit
+def _dq(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, out_ptr,
+        TQ, TK, H, HKV, D, DV, P, BHT,
+        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+        stride_kpb,
+        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+        PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr,
+        ROW_SUM: tl.constexpr):
+    """One query tile over its key tiles: dq̂ [BM, D], or (ROW_SUM) LSSAR's R_i = Σ_j dx_ij a_ij [BM]."""
+    pm = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    rm = pm * BM + tl.arange(0, BM)
+    rd = tl.arange(0, BD)
+    rdv = tl.arange(0, BDV)
+    q, do, c, n, off, r, lse, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm, rd,
+                                                             rdv, TQ, D, DV, BHT, stride_qb, stride_qh, stride_qt,
+                                                             UNSHIFTED)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
+    big_r = tl.zeros((BM,), dtype=tl.float32)
     hi = TK
     if CAUSAL:
         hi = tl.minimum(TK, (pm + 1) * BM)
     for start in range(0, hi, BN):
         rn = start + tl.arange(0, BN)
-        k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                    mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                    mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
+        k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
+        v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-        a, dx, ds, w = _reweighted(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    tl.store(dq_ptr + (bh * TQ + rm[:, None]) * D + rd[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=(rm[:, None] < TQ) & (rd[None, :] < D))
+        a, dx, ds, w = _tile_grads(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P, REWEIGHT)
+        if ROW_SUM:
+            big_r += tl.sum(dx * a, axis=1)
+        else:
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    if ROW_SUM:
+        tl.store(out_ptr + bh * TQ + rm, big_r, mask=rm < TQ)
+    else:
+        tl.store(out_ptr + (bh * TQ + rm[:, None]) * D + rd[None, :], dq.to(out_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < TQ) & (rd[None, :] < D))
 
 
 @triton.jit
-def _dkv_r(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv_ptr,
-           TQ, TK, H, HKV, D, DV, P, BHT,
-           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-           stride_kpb,
-           BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-           PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr):
+def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv_ptr,
+         TQ, TK, H, HKV, D, DV, P, BHT,
+         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+         stride_kpb,
+         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
+         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr):
+    """One key tile of one kv head over the query tiles of every query head of its group: dk̂, dv."""
     pn = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HKV
@@ -418,10 +271,8 @@ def _dkv_r(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, 
     rn = pn * BN + tl.arange(0, BN)
     rd = tl.arange(0, BD)
     rdv = tl.arange(0, BDV)
-    k = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + rn[:, None] * stride_kt + rd[None, :],
-                mask=(rn[:, None] < TK) & (rd[None, :] < D), other=0.0)
-    v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rn[:, None] * stride_vt + rdv[None, :],
-                mask=(rn[:, None] < TK) & (rdv[None, :] < DV), other=0.0)
+    k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
+    v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
     dk = tl.zeros((BN, BD), dtype=tl.float32)
     dv = tl.zeros((BN, BDV), dtype=tl.float32)
     lo = 0
@@ -432,22 +283,13 @@ def _dkv_r(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, 
         bh = b * H + h
         for start in range(lo, TQ, BM):
             rm = start + tl.arange(0, BM)
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qt + rd[None, :],
-                        mask=(rm[:, None] < TQ) & (rd[None, :] < D), other=0.0)
-            do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :],
-                         mask=(rm[:, None] < TQ) & (rdv[None, :] < DV), other=0.0)
-            c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-            n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-            off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
-            r = _row(rows_ptr, 0, BHT, bh, TQ, rm)
-            lse = _row(rows_ptr, 1, BHT, bh, TQ, rm)
-            kept_row = _row(rows_ptr, 2, BHT, bh, TQ, rm) != 0
-            dd = _row(rows_ptr, 3, BHT, bh, TQ, rm)
-            beta = _row(rows_ptr, 4, BHT, bh, TQ, rm)
+            q, do, c, n, off, r, lse, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh,
+                                                                     rm, rd, rdv, TQ, D, DV, BHT, stride_qb,
+                                                                     stride_qh, stride_qt, UNSHIFTED)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-            a, dx, ds, w = _reweighted(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P)
+            a, dx, ds, w = _tile_grads(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P, REWEIGHT)
             dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(dk_ptr + (bkv * TK + rn[:, None]) * D + rd[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -482,83 +324,69 @@ def _strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def lssa_fwd(q, k, v, c, *, key_padding=None, causal: bool, eps: float):
-    """(o [B, H, Tq, Dv] in q's dtype, l [B, H, Tq] fp32). q, k: l2-normalized rows; c [B, Tq] fp32."""
+def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
     config = _config(D, DV)
     o = _alloc((B, H, TQ, DV), q.dtype, q.device)
     l = _alloc((B, H, TQ), torch.float32, q.device)
+    lse = _alloc((B, H, TQ), torch.float32, q.device) if p > 0 else l
+    c = c.float().contiguous()
+    n = n.float().contiguous() if n is not None else c
     _fwd[(triton.cdiv(TQ, config["BM"]), B * H)](
-        q, k, v, c.contiguous(), kp, o, l, TQ, TK, H, HKV, D, DV, float(eps),
+        q, k, v, c, n, kp, o, l, lse, TQ, TK, H, HKV, D, DV, float(eps), float(p),
         *_strides(q), *_strides(k), *_strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
-        PRECISION=_precision(q.dtype), **blocks, **config)
+        PRECISION=_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=p > 0, **blocks, **config)
+    return o, l, lse
+
+
+def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float, eps: float):
+    B, H, TQ, D = q.shape
+    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
+    config = _config(D, DV)
+    c = c.float().contiguous()
+    n = n.float().contiguous() if n is not None else c
+    r = 1.0 / (l + eps)
+    dd = (do.float() * o.float()).sum(-1)
+    kept = torch.isfinite(lse) if p > 0 else torch.zeros_like(l, dtype=torch.bool)
+    # per-row terms: r, lse (0 where the row kept nothing), K, D = dO·o, beta (LSSA rows: -r D)
+    rows = torch.stack([r, torch.where(kept, lse, 0.0), kept.float(), dd, -r * dd]).contiguous()
+    do = do.to(q.dtype).contiguous()
+    common = (TQ, TK, H, HKV, D, DV, float(p), B * H * TQ, *_strides(q), *_strides(k), *_strides(v), stride_kpb)
+    flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS,
+                 REWEIGHT=p > 0, **blocks, **config)
+    grid_q = (triton.cdiv(TQ, config["BM"]), B * H)
+    if p > 0:  # LSSAR rows that kept an entry: beta = -n r² R, R a row reduction over every key
+        big_r = _alloc((B, H, TQ), torch.float32, q.device)
+        _dq[grid_q](q, k, v, c, n, kp, do, rows, big_r, *common, ROW_SUM=True, **flags)
+        rows[4] = torch.where(kept, -n[:, None, :] * r * r * big_r, rows[4])
+    dq = _alloc((B, H, TQ, D), q.dtype, q.device)
+    dk = _alloc((B, HKV, TK, D), k.dtype, q.device)
+    dv = _alloc((B, HKV, TK, DV), v.dtype, q.device)
+    _dq[grid_q](q, k, v, c, n, kp, do, rows, dq, *common, ROW_SUM=False, **flags)
+    _dkv[(triton.cdiv(TK, config["BN"]), B * HKV)](q, k, v, c, n, kp, do, rows, dk, dv, *common, **flags)
+    return dq, dk, dv
+
+
+def lssa_fwd(q, k, v, c, *, key_padding=None, causal: bool, eps: float):
+    """(o [B, H, Tq, Dv] in q's dtype, l [B, H, Tq] fp32). q, k: l2-normalized rows; c [B, Tq] fp32."""
+    o, l, _ = _forward(q, k, v, c, None, key_padding, causal, 0.0, eps)
     return o, l
 
 
 def lssa_bwd(do, q, k, v, c, o, l, *, key_padding=None, causal: bool, eps: float):
     """(dq̂, dk̂, dv) of lssa_fwd's output."""
-    B, H, TQ, D = q.shape
-    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
-    q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    config = _config(D, DV)
-    r = 1.0 / (l + eps)
-    delta = (-(do.float() * o.float()).sum(-1) * r).contiguous()
-    do = do.to(q.dtype).contiguous()
-    c = c.contiguous()
-    dq = _alloc((B, H, TQ, D), q.dtype, q.device)
-    dk = _alloc((B, HKV, TK, D), k.dtype, q.device)
-    dv = _alloc((B, HKV, TK, DV), v.dtype, q.device)
-    common = (TQ, TK, H, HKV, D, DV, *_strides(q), *_strides(k), *_strides(v), stride_kpb)
-    flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=_precision(q.dtype), **blocks, **config)
-    _dq[(triton.cdiv(TQ, config["BM"]), B * H)](q, k, v, c, kp, do, r, delta, dq, *common, **flags)
-    _dkv[(triton.cdiv(TK, config["BN"]), B * HKV)](q, k, v, c, kp, do, r, delta, dk, dv, *common, **flags)
-    return dq, dk, dv
+    return _backward(do, q, k, v, c, None, o, l, l, key_padding, causal, 0.0, eps)
 
 
 def lssar_fwd(q, k, v, c, n, *, key_padding=None, causal: bool, p: float, eps: float):
     """(o [B, H, Tq, Dv] in q's dtype, l, lse [B, H, Tq] fp32; lse = −inf where the row kept no entry).
     q, k: l2-normalized rows; c, n [B, Tq] fp32 (row scales, allowed-key counts)."""
-    B, H, TQ, D = q.shape
-    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
-    q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    config = _config(D, DV)
-    o = _alloc((B, H, TQ, DV), q.dtype, q.device)
-    l = _alloc((B, H, TQ), torch.float32, q.device)
-    lse = _alloc((B, H, TQ), torch.float32, q.device)
-    _fwd_r[(triton.cdiv(TQ, config["BM"]), B * H)](
-        q, k, v, c.float().contiguous(), n.float().contiguous(), kp, o, l, lse, TQ, TK, H, HKV, D, DV, float(eps),
-        float(p), *_strides(q), *_strides(k), *_strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
-        PRECISION=_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, **blocks, **config)
-    return o, l, lse
+    return _forward(q, k, v, c, n, key_padding, causal, p, eps)
 
 
 def lssar_bwd(do, q, k, v, c, n, o, l, lse, *, key_padding=None, causal: bool, p: float, eps: float):
     """(dq̂, dk̂, dv) of lssar_fwd's output."""
-    B, H, TQ, D = q.shape
-    HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
-    q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    config = _config(D, DV)
-    c, n = c.float().contiguous(), n.float().contiguous()
-    kept = torch.isfinite(lse)
-    r = 1.0 / (l + eps)
-    dd = (do.float() * o.float()).sum(-1)
-    # rows: r, lse (0 where not kept), K, D, beta (filled after _rsum)
-    rows = torch.stack([r, torch.where(kept, lse, 0.0), kept.float(), dd, torch.zeros_like(r)]).contiguous()
-    do = do.to(q.dtype).contiguous()
-    BHT = B * H * TQ
-    common = (TQ, TK, H, HKV, D, DV, float(p), BHT, *_strides(q), *_strides(k), *_strides(v), stride_kpb)
-    flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS,
-                 **blocks, **config)
-    grid_q = (triton.cdiv(TQ, config["BM"]), B * H)
-    big_r = _alloc((B, H, TQ), torch.float32, q.device)
-    _rsum[grid_q](q, k, v, c, n, kp, do, rows, big_r, *common, **flags)
-    nb = n[:, None, :]
-    rows[4] = torch.where(kept, -nb * r * r * big_r, -r * dd)
-    dq = _alloc((B, H, TQ, D), q.dtype, q.device)
-    dk = _alloc((B, HKV, TK, D), k.dtype, q.device)
-    dv = _alloc((B, HKV, TK, DV), v.dtype, q.device)
-    _dq_r[grid_q](q, k, v, c, n, kp, do, rows, dq, *common, **flags)
-    _dkv_r[(triton.cdiv(TK, config["BN"]), B * HKV)](q, k, v, c, n, kp, do, rows, dk, dv, *common, **flags)
-    return dq, dk, dv
+    return _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal, p, eps)
