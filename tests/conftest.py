@@ -46,29 +46,14 @@ def _poisoned_alloc(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _kernel_modules() -> list:
-    """Every module under codegen/variants that allocates kernel buffers through an `_alloc` function:
-    a new kernel module is poisoned without being listed here."""
-    import importlib
-    import pkgutil
-
-    import attncc.codegen.variants as variants
-
-    found = []
-    for info in pkgutil.walk_packages(variants.__path__, variants.__name__ + "."):
-        module = importlib.import_module(info.name)
-        if callable(getattr(module, "_alloc", None)):
-            found.append(module)
-    return found
-
-
 @pytest.fixture(autouse=True)
 def poison_kernel_outputs(monkeypatch):
     """Every buffer the kernels' launchers allocate (outputs, lse, states, gradients) starts as NaN, in
     every test that reaches the kernels (the *_kernel.py tests, test_ops.py, kernels="triton"), the way
-    flash-linear-attention's tests/ops/conftest.py patches the allocators. The launchers look `_alloc`
-    up as a module global at each call, so patching the module attribute reaches them all. The imports
-    happen here, after TRITON_INTERPRET is set above."""
-    for module in _kernel_modules():
-        monkeypatch.setattr(module, "_alloc", _poisoned_alloc)
+    flash-linear-attention's tests/ops/conftest.py patches the allocators. Launchers allocate through
+    `attncc.codegen.launch.alloc`, looked up at each call. The import happens here, after
+    TRITON_INTERPRET is set above."""
+    from attncc.codegen import launch
+
+    monkeypatch.setattr(launch, "alloc", _poisoned_alloc)
     yield

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from attncc.codegen import launch
 from attncc.codegen.variants.softmax import flash
 from attncc.codegen.variants.softmax.flash import (
     flash_attention_bwd,
@@ -157,16 +158,16 @@ def test_rows_without_keys_are_zero():
 
 
 def test_kernel_buffers_start_as_nan():
-    """tests/conftest.py patches flash._alloc (plain torch.empty in the library) to fill with NaN."""
+    """tests/conftest.py patches launch.alloc (plain torch.empty in the library) to fill with NaN."""
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert flash._alloc((2, 3), dtype, "cpu").isnan().all()
+        assert launch.alloc((2, 3), dtype, "cpu").isnan().all()
 
 
 def test_outputs_are_the_poisoned_buffers_and_fully_written(monkeypatch):
     """Every output of a real forward and backward is a buffer the (poisoned) allocator returned, not
     a copy, and the kernels overwrite all of its NaNs."""
     allocated = []
-    poisoned = flash._alloc
+    poisoned = launch.alloc
 
     def recording(shape, dtype, device):
         buf = poisoned(shape, dtype, device)
@@ -174,7 +175,7 @@ def test_outputs_are_the_poisoned_buffers_and_fully_written(monkeypatch):
         allocated.append(buf.data_ptr())
         return buf
 
-    monkeypatch.setattr(flash, "_alloc", recording)
+    monkeypatch.setattr(launch, "alloc", recording)
     q, k, v, do = make_inputs(1, 2, 1, 40, 40, 16, torch.float32, "bhtd")
     spec = dict(causal=True, pattern="sliding_window", window=8, sinks=2)
     o, lse = flash_attention_fwd(q, k, v, scale=0.25, **spec)

@@ -38,15 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from attncc.codegen import launch
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TILE = 4096  # elements of one [SP, BN, BD] tile (fp32: 32 registers a thread at 4 warps)
 MAX_BLOCK_D = 128
 MAX_BLOCK_N = 64
 
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel comes from here (the tests fill it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def blocks(S: int, N: int, D: int) -> tuple[int, int, int]:
@@ -136,9 +134,9 @@ def attnres_fwd(values: torch.Tensor, query: torch.Tensor, norm_weight: torch.Te
     """values: the stacked sources [S, N, d] (contiguous) -> o [N, d] (their dtype), r, p [S, N] fp32."""
     S, N, D = values.shape
     SP, BN, BD = blocks(S, N, D)
-    o = _alloc((N, D), values.dtype, values.device)
-    r = _alloc((S, N), torch.float32, values.device)
-    p = _alloc((S, N), torch.float32, values.device)
+    o = launch.alloc((N, D), values.dtype, values.device)
+    r = launch.alloc((S, N), torch.float32, values.device)
+    p = launch.alloc((S, N), torch.float32, values.device)
     if N > 0:
         _attnres_fwd[(triton.cdiv(N, BN),)](values, query.contiguous(), norm_weight.contiguous(), o, r, p, N, D,
                                             float(eps), S=S, SP=SP, BN=BN, BD=BD)
@@ -151,8 +149,8 @@ def attnres_bwd(do: torch.Tensor, values: torch.Tensor, query: torch.Tensor, nor
     S, N, D = values.shape
     SP, BN, BD = blocks(S, N, D)
     programs = triton.cdiv(N, BN)
-    dv = _alloc((S, N, D), values.dtype, values.device)
-    u = _alloc((programs, D), torch.float32, values.device)
+    dv = launch.alloc((S, N, D), values.dtype, values.device)
+    u = launch.alloc((programs, D), torch.float32, values.device)
     query, norm_weight = query.contiguous(), norm_weight.contiguous()
     if N > 0:
         _attnres_bwd[(programs,)](values, query, norm_weight, do.contiguous(), r, p, dv, u, N, D,

@@ -37,11 +37,12 @@ are applied inside the kernels (taylor2, whose features grow to 1 + D + D², run
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from attncc.codegen import launch
 
 FEATURE_MAPS = ("elu1", "relu", "identity")  # constexpr codes 0, 1, 2
 CHUNK = 64
@@ -57,18 +58,11 @@ def supports(head_dim: int, value_dim: int, dtype: torch.dtype, feature_map: str
         return f"linear kernel: head dims up to {MAX_HEAD_DIM}, got {head_dim} and {value_dim}"
     if dtype not in DTYPES:
         return f"linear kernel: dtype {dtype} is not supported (float16, bfloat16, float32)"
-    if dtype == torch.float32 and max(head_dim, value_dim) > 64 and not _interpreting():
+    if dtype == torch.float32 and max(head_dim, value_dim) > 64 and not launch.interpreting():
         return "linear kernel: float32 with head dims above 64 needs more shared memory than the GPU has"
     return None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel comes from here (the tests fill it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -341,9 +335,6 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
     tl.store(dv_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=row_v)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
-
 
 def _scan_blocks(BK: int, BV: int) -> tuple[int, int]:
     """Feature and value blocks of the sequential scans: small, so that many scans run at once."""
@@ -354,21 +345,12 @@ def _blocks(D: int, DV: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
 
 
-def _key_padding(key_padding, k):
-    if key_padding is None:
-        return k.new_zeros(1, dtype=torch.int8), 0, False
-    kp = key_padding.to(torch.int8).contiguous()
-    return kp, kp.stride(0), True
-
 
 def _rates(decay, device):
     if decay is None:
         return torch.zeros(1, device=device, dtype=torch.float32), False
     return decay.to(device=device, dtype=torch.float32).contiguous(), True
 
-
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_map: str, normalize: bool,
@@ -384,29 +366,29 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     BK, BVS = _blocks(D, DV)
     BV = min(BVS, 64)
     NC = triton.cdiv(T, CHUNK)
-    kp, stride_kpb, padded = _key_padding(key_padding, k)
+    kp, stride_kpb, padded = launch.key_padding(key_padding, k)
     rates, has_decay = _rates(decay, q.device)
     HS = H if has_decay else HKV
-    precision = _precision(q.dtype)
+    precision = launch.dot_precision(q.dtype)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
-    chunk_states = _alloc((B, HS, NC, D, DV), state_dtype, q.device) if causal else q.new_empty(0)
-    chunk_z = _alloc((B, HS, NC, D), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
-    final_s = _alloc((B, HS, D, DV), torch.float32, q.device)
-    final_z = _alloc((B, HS, D), torch.float32, q.device)
+    chunk_states = launch.alloc((B, HS, NC, D, DV), state_dtype, q.device) if causal else q.new_empty(0)
+    chunk_z = launch.alloc((B, HS, NC, D), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
+    final_s = launch.alloc((B, HS, D, DV), torch.float32, q.device)
+    final_z = launch.alloc((B, HS, D), torch.float32, q.device)
     initial = initial_state is not None
     s0, z0 = initial_state if initial else (final_s, final_z)
     bk_scan, bv_scan = _scan_blocks(BK, BVS)
     _states[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * HS)](
         k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
-        T, NC, HS, HKV, D, DV, *_strides(k), *_strides(v), stride_kpb,
+        T, NC, HS, HKV, D, DV, *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
         STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision)
-    o = _alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
-    den = _alloc((B, H, T), torch.float32, q.device)
+    o = launch.alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
+    den = launch.alloc((B, H, T), torch.float32, q.device)
     states = (chunk_states, chunk_z) if causal else (final_s.to(state_dtype), final_z)
     _output[(triton.cdiv(DV, BV), NC, B * H)](
         q, k, v, kp, rates, states[0], states[1], o, den, T, NC, H, HS, HKV, D, DV, float(eps),
-        *_strides(q), *_strides(k), *_strides(v), stride_kpb,
+        *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
         CAUSAL=causal, NORMALIZE=normalize, PRECISION=precision)
     return o, den, states, (final_s, final_z)
@@ -419,28 +401,28 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     BK, BV = _blocks(D, DV)
     NC = triton.cdiv(T, CHUNK)
-    kp, stride_kpb, padded = _key_padding(key_padding, k)
+    kp, stride_kpb, padded = launch.key_padding(key_padding, k)
     rates, has_decay = _rates(decay, q.device)
     HS = H if has_decay else HKV
-    precision = _precision(q.dtype)
+    precision = launch.dot_precision(q.dtype)
     state_dtype = states[0].dtype
     g = g.to(state_dtype if state_dtype != torch.float32 else torch.float32).contiguous()
     d = d.float().contiguous()
     n_states = NC if causal else 1
-    dstates = _alloc((B, H, n_states, D, DV), state_dtype, q.device)
-    dz = _alloc((B, H, n_states, D), torch.float32, q.device)
+    dstates = launch.alloc((B, H, n_states, D, DV), state_dtype, q.device)
+    dz = launch.alloc((B, H, n_states, D), torch.float32, q.device)
     bk_scan, bv_scan = _scan_blocks(BK, BV)
     _dstates[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * H)](
-        q, g, d, rates, dstates, dz, T, NC, H, D, DV, *_strides(q),
+        q, g, d, rates, dstates, dz, T, NC, H, D, DV, *launch.strides(q),
         BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
         PRECISION=precision)
     grad_dtype = torch.float32
-    dq = _alloc((B, H, T, D), grad_dtype, q.device)
-    dk = _alloc((B, H, T, D), grad_dtype, q.device)
-    dv = _alloc((B, H, T, DV), grad_dtype, q.device)
+    dq = launch.alloc((B, H, T, D), grad_dtype, q.device)
+    dk = launch.alloc((B, H, T, D), grad_dtype, q.device)
+    dv = launch.alloc((B, H, T, DV), grad_dtype, q.device)
     _grads[(NC, B * H)](
         q, k, v, kp, rates, states[0], states[1], dstates, dz, g, d, dq, dk, dv,
-        T, NC, H, HS, HKV, D, DV, *_strides(q), *_strides(k), *_strides(v), stride_kpb,
+        T, NC, H, HS, HKV, D, DV, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
         CAUSAL=causal, PRECISION=precision)
     group = H // HKV

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attncc.codegen import launch
+
 PATTERNS = ("dense", "sliding_window", "power")
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -510,9 +512,6 @@ _GPU_CONFIGS = {
 }
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def flash_config(head_dim: int, pattern: str = "dense") -> FlashConfig:
     """The config for ``head_dim`` and ``pattern``: one fixed config under the interpreter, a small
@@ -523,7 +522,7 @@ def flash_config(head_dim: int, pattern: str = "dense") -> FlashConfig:
     override = os.environ.get("ATTNCC_FLASH_CONFIG")
     if override:
         return FlashConfig(*json.loads(override))
-    if _interpreting():
+    if launch.interpreting():
         return _INTERPRETER_CONFIG
     return _GPU_CONFIGS.get((head_dim, pattern), _GPU_CONFIGS[head_dim])
 
@@ -567,14 +566,6 @@ def _pattern(pattern: str, causal: bool, window: int, sinks: int, block: int, wi
     return _Pattern("power", True, block=int(block), window_blocks=int(window_blocks))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel comes from here (the tests patch it to fill with NaN,
-    so that a tile the kernel forgets to write shows up)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _next_pow2(x: np.ndarray) -> np.ndarray:
@@ -665,8 +656,8 @@ def _forward(q, k, v, scale, spec: _Pattern, key_padding, tile_count=None):
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = flash_config(D, spec.name)
-    o = _alloc((B, H, Tq, D), q.dtype, q.device)
-    lse = _alloc((B, H, Tq), torch.float32, q.device)
+    o = launch.alloc((B, H, Tq, D), q.dtype, q.device)
+    lse = launch.alloc((B, H, Tq), torch.float32, q.device)
     if Tq == 0:
         return o, lse
     kpad, stride_pb, stride_pn = _padding_args(key_padding, q)
@@ -686,7 +677,7 @@ def _forward(q, k, v, scale, spec: _Pattern, key_padding, tile_count=None):
         H, Tq, Tk, scale * LOG2E,
         HEAD_DIM=D, PATTERN=spec.name, IS_CAUSAL=spec.causal, WINDOW=spec.window, SINKS=spec.sinks,
         PBLOCK=spec.block, PWINDOW=spec.window_blocks, GROUP=H // Hkv, HAS_PADDING=key_padding is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, UPCAST=launch.interpreting(), DOT_PRECISION=launch.dot_precision(q.dtype),
         COUNT_TILES=tile_count is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return o, lse
@@ -696,13 +687,13 @@ def _backward(do, q, k, v, o, lse, scale, spec: _Pattern, key_padding, tile_coun
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     cfg = flash_config(D, spec.name)
-    dq = _alloc((B, H, Tq, D), q.dtype, q.device)
-    dk = _alloc((B, Hkv, Tk, D), k.dtype, k.device)
-    dv = _alloc((B, Hkv, Tk, D), v.dtype, v.device)
+    dq = launch.alloc((B, H, Tq, D), q.dtype, q.device)
+    dk = launch.alloc((B, Hkv, Tk, D), k.dtype, k.device)
+    dv = launch.alloc((B, Hkv, Tk, D), v.dtype, v.device)
     if Tq == 0 or Tk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
-    delta = _alloc((B, H, Tq), torch.float32, q.device)
+    delta = launch.alloc((B, H, Tq), torch.float32, q.device)
     flash_bwd_preprocess_kernel[(B * H, triton.cdiv(Tq, cfg.block_m2))](
         o, do, delta, *o.stride(), *do.stride(), H, Tq, HEAD_DIM=D, BLOCK_M=cfg.block_m2,
     )
@@ -727,7 +718,7 @@ def _backward(do, q, k, v, o, lse, scale, spec: _Pattern, key_padding, tile_coun
         HEAD_DIM=D, PATTERN=spec.name, IS_CAUSAL=spec.causal, WINDOW=spec.window, SINKS=spec.sinks,
         PBLOCK=spec.block, PWINDOW=spec.window_blocks, GROUP=H // Hkv, HAS_PADDING=key_padding is not None,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-        UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q.dtype), COUNT_TILES=tile_count is not None,
+        UPCAST=launch.interpreting(), DOT_PRECISION=launch.dot_precision(q.dtype), COUNT_TILES=tile_count is not None,
         num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages,
     )
     return dq, dk, dv
@@ -768,9 +759,9 @@ def visited_tiles(q_len: int, k_len: int | None = None, *, causal: bool = True, 
     ``fwd`` per query tile, ``dkdv`` per key tile, ``dq`` per query tile.
     """
     k_len = q_len if k_len is None else k_len
-    device = device or ("cpu" if _interpreting() else "cuda")
+    device = device or ("cpu" if launch.interpreting() else "cuda")
     spec = _pattern(pattern, causal, window, sinks, block, window_blocks)
-    dtype = torch.float32 if _interpreting() else torch.float16
+    dtype = torch.float32 if launch.interpreting() else torch.float16
     q = torch.zeros(1, 1, q_len, head_dim, dtype=dtype, device=device)
     k = torch.zeros(1, 1, k_len, head_dim, dtype=dtype, device=device)
     cfg = flash_config(head_dim, spec.name)

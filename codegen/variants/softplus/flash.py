@@ -49,11 +49,12 @@ These formulas match autograd of the reference in float64 to 1e-15 (tests check 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from attncc.codegen import launch
 
 from .reference import UNSHIFTED_ROWS  # query rows 0, 1, 2 have offset 0
 
@@ -70,13 +71,6 @@ def supports(head_dim: int, value_dim: int, dtype: torch.dtype, reweight_p: floa
     return None
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Every buffer the launchers hand to a kernel comes from here (the tests fill it with NaN)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
@@ -298,30 +292,20 @@ def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv
              mask=(rn[:, None] < TK) & (rdv[None, :] < DV))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 or _interpreting() else "tf32"
-
 
 def _config(D: int, DV: int) -> dict:
-    if _interpreting():
+    if launch.interpreting():
         return dict(BM=16, BN=16, num_warps=4, num_stages=1)
     return dict(BM=64, BN=64, num_warps=4, num_stages=2)
 
 
 def _common(q, k, v, key_padding):
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    if key_padding is None:
-        kp, stride_kpb, padded = q.new_zeros(1, dtype=torch.int8), 0, False
-    else:
-        kp = key_padding.to(torch.int8).contiguous()
-        stride_kpb, padded = kp.stride(0), True
+    kp, stride_kpb, padded = launch.key_padding(key_padding, q)
     D, DV = q.shape[-1], v.shape[-1]
     blocks = dict(BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)))
     return q, k, v, kp, stride_kpb, padded, blocks
 
-
-def _strides(t):
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
@@ -329,15 +313,15 @@ def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
     config = _config(D, DV)
-    o = _alloc((B, H, TQ, DV), q.dtype, q.device)
-    l = _alloc((B, H, TQ), torch.float32, q.device)
-    lse = _alloc((B, H, TQ), torch.float32, q.device) if p > 0 else l
+    o = launch.alloc((B, H, TQ, DV), q.dtype, q.device)
+    l = launch.alloc((B, H, TQ), torch.float32, q.device)
+    lse = launch.alloc((B, H, TQ), torch.float32, q.device) if p > 0 else l
     c = c.float().contiguous()
     n = n.float().contiguous() if n is not None else c
     _fwd[(triton.cdiv(TQ, config["BM"]), B * H)](
         q, k, v, c, n, kp, o, l, lse, TQ, TK, H, HKV, D, DV, float(eps), float(p),
-        *_strides(q), *_strides(k), *_strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
-        PRECISION=_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=p > 0, **blocks, **config)
+        *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
+        PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=p > 0, **blocks, **config)
     return o, l, lse
 
 
@@ -354,17 +338,17 @@ def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float,
     # per-row terms: r, lse (0 where the row kept nothing), K, D = dO·o, beta (LSSA rows: -r D)
     rows = torch.stack([r, torch.where(kept, lse, 0.0), kept.float(), dd, -r * dd]).contiguous()
     do = do.to(q.dtype).contiguous()
-    common = (TQ, TK, H, HKV, D, DV, float(p), B * H * TQ, *_strides(q), *_strides(k), *_strides(v), stride_kpb)
-    flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS,
+    common = (TQ, TK, H, HKV, D, DV, float(p), B * H * TQ, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb)
+    flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS,
                  REWEIGHT=p > 0, **blocks, **config)
     grid_q = (triton.cdiv(TQ, config["BM"]), B * H)
     if p > 0:  # LSSAR rows that kept an entry: beta = -n r² R, R a row reduction over every key
-        big_r = _alloc((B, H, TQ), torch.float32, q.device)
+        big_r = launch.alloc((B, H, TQ), torch.float32, q.device)
         _dq[grid_q](q, k, v, c, n, kp, do, rows, big_r, *common, ROW_SUM=True, **flags)
         rows[4] = torch.where(kept, -n[:, None, :] * r * r * big_r, rows[4])
-    dq = _alloc((B, H, TQ, D), q.dtype, q.device)
-    dk = _alloc((B, HKV, TK, D), k.dtype, q.device)
-    dv = _alloc((B, HKV, TK, DV), v.dtype, q.device)
+    dq = launch.alloc((B, H, TQ, D), q.dtype, q.device)
+    dk = launch.alloc((B, HKV, TK, D), k.dtype, q.device)
+    dv = launch.alloc((B, HKV, TK, DV), v.dtype, q.device)
     _dq[grid_q](q, k, v, c, n, kp, do, rows, dq, *common, ROW_SUM=False, **flags)
     _dkv[(triton.cdiv(TK, config["BN"]), B * HKV)](q, k, v, c, n, kp, do, rows, dk, dv, *common, **flags)
     return dq, dk, dv
