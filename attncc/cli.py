@@ -39,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("target", help="path/to/file.py:build, where build() returns (model, example_args[, example_kwargs])")
     explain.add_argument("--policy", required=True)
     explain.add_argument("--json", action="store_true")
+    explain.add_argument("--mask-module", action="append", default=[], metavar="MODULE",
+                         help="a module the policy's block masks may be imported from (repeatable; none by default)")
 
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.command == "demo":
             return run_demo(args.model, args.policy or shipped_policy(DEMO_POLICY), args.inner, args.json)
-        return run_explain(args.target, args.policy, args.json)
+        return run_explain(args.target, args.policy, args.json, tuple(args.mask_module))
     except Exception as err:  # the CLI prints the error, not a traceback
         inner = getattr(err, "inner_exception", None)  # dynamo wraps backend errors in BackendCompilerFailed
         if isinstance(inner, (PolicyError, AttnccError)):
@@ -83,10 +85,10 @@ def _unpack_build(target: str, built: Any) -> tuple[Any, Any, dict | None]:
     return built[0], built[1], kwargs
 
 
-def run_explain(target: str, policy: str, as_json: bool) -> int:
+def run_explain(target: str, policy: str, as_json: bool, mask_modules: tuple[str, ...] = ()) -> int:
     policy_obj = attncc.load_policy(policy)
     model, example_args, kwargs = _unpack_build(target, load_build(target)())
-    report = attncc.explain(model, example_args, policy_obj, example_kwargs=kwargs)
+    report = attncc.explain(model, example_args, policy_obj, example_kwargs=kwargs, mask_modules=mask_modules)
     print(report.to_json(indent=2) if as_json else report)
     return 0
 

@@ -11,15 +11,15 @@ import dataclasses
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
-from attncc.errors import VerificationError
-from attncc.codegen.variants import KERNEL_CHOICES
+from attncc.errors import PolicyError, VerificationError
+from attncc.codegen.variants import KERNEL_CHOICES, variant_for
 from attncc.passes.context import Context, Options
 from attncc.passes.pipeline import run_pipeline
 from attncc.policy import Policy, load_policy
@@ -28,7 +28,7 @@ from attncc.report import Report
 log = logging.getLogger("attncc")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTION_KEYS = ("policy", "inner", "kernels", "verify", "debug")
+OPTION_KEYS = ("policy", "inner", "kernels", "verify", "debug", "mask_modules")
 FUNCTION_PRESERVING = {"softmax"}  # variants whose rewrite computes what the original graph computes
 
 
@@ -39,8 +39,17 @@ class Backend:
     """
 
     def __init__(self, policy: Policy | dict | str | None = None, *, inner: str = "inductor",
-                 kernels: str = "auto", verify: bool = False, debug: bool = False):
+                 kernels: str = "auto", verify: bool = False, debug: bool = False,
+                 mask_modules: Iterable[str] = ()):
         self.policy = load_policy(policy if policy is not None else {"attention": "keep"})
+        if isinstance(mask_modules, str) or not all(isinstance(m, str) for m in mask_modules):
+            raise ValueError(f"mask_modules={mask_modules!r}: expected a list of module names, e.g. ['my_pkg.masks']")
+        mask_modules = tuple(mask_modules)
+        for path, config in self.policy.attention_configs():  # code a policy names loads now, or fails now
+            try:
+                variant_for(config).load(config, mask_modules=mask_modules)
+            except PolicyError as error:
+                raise error.within(path).with_source(self.policy.source) from None
         if inner not in INNER_COMPILERS:
             raise ValueError(f"inner={inner!r} is not an inner compiler; valid: {', '.join(INNER_COMPILERS)}")
         if kernels not in KERNEL_CHOICES:
@@ -50,7 +59,7 @@ class Backend:
         for name, value in (("verify", verify), ("debug", debug)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}: expected a bool (True or False), got {type(value).__name__}")
-        self.options = Options(inner=inner, kernels=kernels, verify=verify, debug=debug)
+        self.options = Options(inner=inner, kernels=kernels, verify=verify, debug=debug, mask_modules=mask_modules)
         self.reports: list[Report] = []  # one per compiled graph, recompiles included
 
     @property
@@ -103,7 +112,8 @@ class Backend:
 
 def backend(policy: Policy | dict | str | None = None, **options: Any) -> Backend:
     """Build the backend. Options: inner (inductor | aot_eager | eager), kernels (auto | triton |
-    reference), verify (check rewritten sites against the original graph on the first call), debug."""
+    reference), verify (check rewritten sites against the original graph on the first call), debug,
+    mask_modules (the modules a policy's block masks may be imported from; none by default)."""
     _check_option_keys(options, allow_policy=False)
     return Backend(policy, **options)
 

@@ -22,7 +22,7 @@ _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.sign
 
 
 def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
-            example_kwargs: dict | None = None) -> Report:
+            example_kwargs: dict | None = None, mask_modules: tuple[str, ...] = ()) -> Report:
     """Trace `model(*example_args, **example_kwargs)` with dynamo, run attncc's passes, return the report.
 
     The graph runs once through the rewritten graph in eager mode (no Inductor compile).
@@ -38,7 +38,7 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
     """
     if not isinstance(example_args, (tuple, list)):
         example_args = (example_args,)
-    be = Backend(policy, inner="eager")
+    be = Backend(policy, inner="eager", mask_modules=mask_modules)
     traced = _copy_sharing_parameters(getattr(model, "_orig_mod", model))
     # dynamic=False: static shapes, as on a first compile, whatever shapes earlier explains traced
     trace = torch.compile(_own_code(_call, traced), backend=be, fullgraph=False, dynamic=False, **_ISOLATED)

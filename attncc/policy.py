@@ -236,6 +236,11 @@ class Policy:
         except PolicyError as error:
             raise error.with_source(self.source) from None
 
+    def attention_configs(self) -> list[tuple[str, VariantConfig]]:
+        """(field path, config) of every attention variant the policy names: the default, then each rule's."""
+        rules = [(f"attention.rules[{i}].use", rule.use) for i, rule in enumerate(self.attention.rules)]
+        return [("attention.default", self.attention.default), *rules]
+
     def choose(self, module: str, layer: int | None) -> tuple[VariantConfig, int | None]:
         """The variant for a site and the index of the rule that chose it (None = the default)."""
         for index, rule in enumerate(self.attention.rules):

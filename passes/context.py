@@ -25,6 +25,7 @@ class Options:
     kernels: str = "auto"
     verify: bool = False
     debug: bool = False
+    mask_modules: tuple[str, ...] = ()  # modules a policy's block masks may be imported from
 
 
 _SITE_KEYS = itertools.count()

@@ -417,15 +417,18 @@ def test_load_rejects_other_types():
 
 
 def test_load_mask():
-    assert Sparse(pattern="block", mask="os.path:join").load_mask() is os.path.join
+    allowed = ["os", "no_such_module_xyz"]
+    assert Sparse(pattern="block", mask="os.path:join").load_mask(allowed) is os.path.join
     with pytest.raises(PolicyError, match="cannot load mask 'no_such_module_xyz:f'.*ModuleNotFoundError"):
-        Sparse(pattern="block", mask="no_such_module_xyz:f").load_mask()
+        Sparse(pattern="block", mask="no_such_module_xyz:f").load_mask(allowed)
     with pytest.raises(PolicyError, match="cannot load mask 'os.path:nope'.*AttributeError"):
-        Sparse(pattern="block", mask="os.path:nope").load_mask()
+        Sparse(pattern="block", mask="os.path:nope").load_mask(allowed)
     with pytest.raises(PolicyError, match="not callable"):
-        Sparse(pattern="block", mask="os:sep").load_mask()
+        Sparse(pattern="block", mask="os:sep").load_mask(allowed)
     with pytest.raises(PolicyError, match="no mask"):
-        Sparse().load_mask()
+        Sparse().load_mask(allowed)
+    with pytest.raises(PolicyError, match="would import module 'os.path', which is not allowed"):
+        Sparse(pattern="block", mask="os.path:join").load_mask(["os.pa"])
 
 
 def test_yaml_file_form_matches_canonical_dict(tmp_path):

@@ -343,21 +343,40 @@ def test_mask_with_a_wrong_signature(name):
     sparse = Sparse(pattern="block", mask=f"test_validation:{name}")
     with pytest.raises(PolicyError, match=rf"mask: mask 'test_validation:{name}' must have the signature "
                                           r"mask_mod\(b, h, q_idx, kv_idx\)"):
-        sparse.load_mask()
+        sparse.load_mask(["test_validation"])
 
 
 @pytest.mark.parametrize("name", ["mask_mod_ok", "mask_mod_varargs"])
 def test_mask_with_a_good_signature(name):
-    assert Sparse(pattern="block", mask=f"test_validation:{name}").load_mask() is globals()[name]
+    assert Sparse(pattern="block", mask=f"test_validation:{name}").load_mask(["test_validation"]) is globals()[name]
 
 
-def test_mask_with_a_wrong_signature_fails_at_compile_with_the_policy_error():
+def test_mask_with_a_wrong_signature_fails_when_the_backend_is_built():
     policy = {"attention": {"variant": "sparse", "pattern": "block", "mask": "test_validation:mask_mod_two_args"}}
-    compiled = torch.compile(_two_layers(), backend=attncc.backend(policy, inner="eager"))
-    with pytest.raises(Exception) as excinfo:
-        compiled(_x())
-    error = _inner_error(excinfo)
-    assert isinstance(error, PolicyError) and "mask_mod(b, h, q_idx, kv_idx)" in str(error)
+    with pytest.raises(PolicyError, match=r"attention.default.mask: .*mask_mod\(b, h, q_idx, kv_idx\)"):
+        attncc.backend(policy, inner="eager", mask_modules=["test_validation"])
+
+
+@pytest.mark.parametrize("allowed", [(), ("os",), ("test_valid",)], ids=["none", "another", "a-prefix-only"])
+def test_a_policy_imports_mask_code_only_from_allowed_modules(allowed):
+    """A policy is data: naming a function in it does not import anything the user did not allow."""
+    policy = {"attention": {"variant": "sparse", "pattern": "block", "mask": "test_validation:mask_mod_ok"}}
+    with pytest.raises(PolicyError, match=r"attention.default.mask: mask 'test_validation:mask_mod_ok' would import "
+                                          r"module 'test_validation', which is not allowed.*mask_modules="):
+        attncc.backend(policy, inner="eager", mask_modules=allowed)
+    with pytest.raises(PolicyError, match="not allowed"):
+        attncc.explain(_two_layers(), (_x(),), policy, mask_modules=allowed)
+
+
+def test_an_allowed_block_mask_runs_end_to_end():
+    policy = {"attention": {"variant": "sparse", "pattern": "block", "mask": "test_validation:mask_mod_ok"}}
+    model, x = _two_layers(), _x()
+    be = attncc.backend(policy, inner="aot_eager", mask_modules=["test_validation"])
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(x)
+    assert be.report.count("rewritten") == 2
+    # mask_mod_ok is the causal mask: the same as the model's own causal softmax attention
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)
 
 
 # --- 5. kernels="triton" without a GPU needs the Triton interpreter ------------------------------------------

@@ -56,6 +56,10 @@ class Variant:
         """Why this variant cannot serve `site` with `config` (the site is then left unchanged), or None."""
         return served(site, self.structures, self.title)
 
+    def load(self, config: Any, *, mask_modules: tuple[str, ...]) -> None:
+        """Load what `config` names outside the policy (code: a block mask), when the backend is built,
+        from the modules the user allows only. Raises PolicyError."""
+
     def needs_layers(self, config: Any) -> bool:
         """Whether `check`/`constants` read `site.layers` (the model's layer count, costly to find)."""
         return False

@@ -8,7 +8,7 @@ reference op (ops.py).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 
@@ -19,7 +19,7 @@ from attncc.facts import SiteFacts
 from ..base import SiteCall, Variant, scaled, served
 from ..softmax import ops as flash_ops
 from . import ops
-from .block_mask import MASK_REF, load_mask
+from .block_mask import MASK_REF, load_mask, loaded
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ class Sparse(VariantConfig):
         if self.mask is not None and not MASK_REF.fullmatch(self.mask):
             raise PolicyError(f"expected 'module:function', got {self.mask!r}", "mask")
 
-    def load_mask(self) -> Callable[..., Any]:
-        """Import and return the mask_mod(b, h, q_idx, kv_idx) named by `mask`."""
+    def load_mask(self, allowed: Iterable[str]) -> Callable[..., Any]:
+        """Import (from an `allowed` module), check and register the mask_mod(b, h, q_idx, kv_idx) named by `mask`."""
         if self.mask is None:
             raise PolicyError(f"pattern {self.pattern!r} has no mask to load", "mask")
-        return load_mask(self.mask)
+        return load_mask(self.mask, allowed)
 
 
 class SparseVariant(Variant):
@@ -55,11 +55,15 @@ class SparseVariant(Variant):
     title = "sparse attention"
     kernel = "flash"
 
+    def load(self, config: Sparse, *, mask_modules: tuple[str, ...]) -> None:
+        if config.pattern == "block":
+            config.load_mask(mask_modules)
+
     def check(self, site: SiteFacts, config: Sparse) -> str | None:
         if config.pattern == "block":
             refusal = served(site, ("none", "causal"), "sparse block attention")
             if not refusal:
-                config.load_mask()  # fail now, with the policy's message, rather than inside the compiled graph
+                loaded(config.mask)  # loaded when the backend was built; fail now, not inside the graph
             return refusal
         return served(site, ("causal",), f"sparse {config.pattern} attention (a causal pattern)")
 

@@ -11,14 +11,14 @@ import torch
 from attncc.codegen.masks import and_masks, causal as causal_mask
 
 from ..base import reference_op
-from .block_mask import load_mask
+from .block_mask import loaded
 from .reference import sparse_attention as _sparse
 
 
 def reference(q, k, v, key_padding, scale, pattern, window, sinks, block, window_blocks, mask_fn, causal):
     mask_mod = None
     if pattern == "block":
-        mask_mod = load_mask(mask_fn)
+        mask_mod = loaded(mask_fn)
         if causal:
             mask_mod = and_masks(causal_mask(), mask_mod)
     return _sparse(q, k, v, scale=scale, pattern=pattern, window=window, sinks=sinks, block=block,
