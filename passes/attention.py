@@ -274,11 +274,30 @@ def choose_variants(ctx: Context) -> None:
             check_sites(ctx.policy, [(s.module, s.layer) for s in attention], max(layers, default=0) + 1)
         except PolicyError as problem:
             ctx.policy_warnings.append(str(problem))
+    by_layer = _depends_on_layer(ctx.policy)
     for state in attention:
+        if by_layer and layer_of(state.module) is None:
+            state.site.status, state.site.reason = "unsupported", UNINDEXED.format(by_layer=by_layer)
+            continue
         variant, _ = ctx.policy.choose(state.module, state.layer)
         state.variant = variant
         state.site.variant = variant.variant
         state.site.params = variant.params()
+
+
+UNINDEXED = ("the site's module path has no layer index (this graph compiles a part of the model, such as one "
+             "decoder layer, and dynamo reuses it for every module of the same class), but the policy treats "
+             "layers differently ({by_layer}): attncc cannot tell which layer runs this graph, so the site is left "
+             "unchanged. Compile the whole model, or use a policy that is the same for every layer")
+
+
+def _depends_on_layer(policy) -> str:
+    """What in the policy depends on a site's layer index ('' when nothing does)."""
+    reasons = [f"rules[{i}] selects layers" for i, rule in enumerate(policy.attention.rules)
+               if rule.where.layers is not None]
+    reasons += [f"{path} needs the layer index" for path, config in policy.attention_configs()
+                if variant_for(config).needs_layers(config)]
+    return "; ".join(reasons)
 
 
 def rewrite_attention(ctx: Context) -> None:

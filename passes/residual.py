@@ -50,6 +50,7 @@ from attncc.patterns.residual import NoMatch, ResidualMatch, match_residual, nor
 from attncc.report import Site
 
 from .context import Context, SiteState
+from .model import registered_model
 
 log = logging.getLogger("attncc")
 
@@ -240,7 +241,7 @@ def rewrite_residual(ctx: Context) -> None:
             for state, reason in zip(stream_states, reasons):
                 state.site.status, state.site.reason = "kept", reason + "; attncc.prepare's trace: not rewritten"
             continue
-        _rewrite_stream(ctx, stream, variant.block_size, _parameters(anchors, needs),
+        _rewrite_stream(ctx, stream, variant.block_size, _parameters(ctx, stream, anchors, needs),
                         [state.key for state in stream_states])
         for l, (state, reason) in enumerate(zip(stream_states, reasons)):
             state.site.status, state.site.reason = "rewritten", reason
@@ -277,8 +278,17 @@ def _needs(stream: Stream) -> StreamNeeds:
                        stream.matches[0].module)
 
 
-def _parameters(anchors: Parameters | None, needs: StreamNeeds) -> Parameters:
+def _parameters(ctx: Context, stream: Stream, anchors: Parameters | None, needs: StreamNeeds) -> Parameters:
     """The anchor's parameters for this stream, checked against what it needs."""
+    model = registered_model(ctx, [p for m in stream.matches for p in m.params])
+    if anchors is None and model is not None:  # registered with attncc: prepared, or prepare is missing
+        raise AttnccError(
+            f"this graph holds {len(stream.matches)} residual sublayers of {type(model).__name__} but not its "
+            "AttnRes parameters, which attncc.prepare's hook brings into the graph of the stream's first "
+            "sublayer. If the model was prepared, the stream was cut into several graphs (a graph break, FSDP2 "
+            "units, or DDP's split at gradient buckets: set torch._dynamo.config.optimize_ddp = False): AttnRes "
+            f"needs the whole stream in one graph. If it was not, {UNPREPARED}."
+        )
     if anchors is None:
         raise AttnccError(
             f"policy residual: attnres needs AttnRes parameters on the model (one query and one key norm per "

@@ -473,3 +473,44 @@ def test_a_mask_the_caller_differentiates_gets_its_gradient(kernels):
 class MaskedBias(nn.Module):
     def forward(self, q, bias):
         return F.scaled_dot_product_attention(q, q, q, attn_mask=bias)
+
+
+# --- a graph of one layer runs for every layer ------------------------------------------------------------
+
+def _per_layer_llama(policy):
+    from models import zoo
+
+    model, args, kwargs, _ = zoo.llama("sdpa", layers=3)
+    model.eval()
+    be = attncc.backend(policy, inner="aot_eager")
+    for layer in model.layers:  # one graph per layer: dynamo compiles the class's forward once for all three
+        layer.compile(backend=be)
+    with torch.no_grad():
+        out = model(*args, **kwargs)[0]
+    torch._dynamo.reset()
+    return model, args, kwargs, out, be
+
+
+def test_a_policy_by_layer_leaves_a_per_layer_graph_unchanged():
+    """Each decoder layer compiled on its own gives one graph, reused for every layer (the parameters are
+    inputs, not guarded). Its module path has no layer index: a policy that picks by layer cannot be
+    honoured, so the site is left unchanged, never rewritten as layer 0 for every layer."""
+    policy = {"attention": {"default": "linear", "rules": [{"where": {"layers": "0"}, "use": "softmax"}]}}
+    model, args, kwargs, out, be = _per_layer_llama(policy)
+    sites = be.report.attention()
+    assert sites and all(s.status == "unsupported" and "no layer index" in s.reason and "rules[0]" in s.reason
+                         for s in sites)
+    for layer in model.layers:
+        layer._compiled_call_impl = None  # back to eager
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(*args, **kwargs)[0])
+
+
+def test_a_policy_the_same_for_every_layer_rewrites_a_per_layer_graph():
+    model, args, kwargs, out, be = _per_layer_llama({"attention": "linear"})
+    assert [s.status for s in be.report.attention()] == ["rewritten"]
+    for layer in model.layers:
+        layer._compiled_call_impl = None
+    whole = torch.compile(model, backend=attncc.backend({"attention": "linear"}, inner="aot_eager"))
+    with torch.no_grad():
+        torch.testing.assert_close(out, whole(*args, **kwargs)[0])
