@@ -364,7 +364,8 @@ def test_lightning_decay_refuses_a_site_whose_layer_is_unknown():
         warnings.simplefilter("ignore")
         torch.compile(model, backend=be)(torch.randint(0, VOCAB, (B, T)))
     sites = be.report.attention()
-    assert sites and all(s.status == "unsupported" and "number of layers" in s.reason for s in sites), be.report
+    assert sites and all(s.status == "unsupported" and "no layer index" in s.reason
+                         and "needs the layer index" in s.reason for s in sites), be.report
 
 
 def test_lightning_decay_refuses_a_model_that_was_not_registered():
