@@ -43,7 +43,6 @@ class Variant:
     structures: ClassVar[tuple[str, ...]] = ("none", "causal")  # mask structures it serves (+padding)
     scaled: ClassVar[bool] = True  # it uses the site's softmax scale
     takes_dropout: ClassVar[bool] = False  # it applies the site's attention dropout
-    kernel: ClassVar[str | None] = None  # its kernel template, None while it has none
     rewrites: ClassVar[bool] = True  # False for `keep`: the site stays as the model wrote it
     rewrites_projections: ClassVar[bool] = False  # the pass also rebuilds the projections (sqa)
     warns_on_refusal: ClassVar[bool] = False  # refusals are also a compile-time warning, once per graph

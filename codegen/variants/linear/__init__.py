@@ -41,7 +41,6 @@ class LinearVariant(Variant):
     config = Linear
     title = "linear attention"
     scaled = False
-    kernel = "linear_chunked"
 
     def needs_layers(self, config: Linear) -> bool:
         return config.decay == "lightning"

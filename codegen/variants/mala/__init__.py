@@ -33,7 +33,6 @@ class MalaVariant(Variant):
     config = Mala
     title = "MALA"
     scaled = False
-    kernel = "linear_chunked"
 
     def constants(self, site: SiteFacts, config: Mala) -> dict:
         return dict(causal=site.causal, sim_scale=config.sim_scale)

@@ -35,7 +35,6 @@ class SoftmaxVariant(Variant):
     title = "softmax attention"
     structures = ("none", "causal", "sliding_window", "other")
     takes_dropout = True
-    kernel = "flash"
 
     def check(self, site: SiteFacts, config: Softmax) -> str | None:
         return None  # the same math as any matched site: every site can take it

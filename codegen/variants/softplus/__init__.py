@@ -27,7 +27,6 @@ class SoftplusVariant(Variant):
     config = Softplus
     title = "softplus attention"
     scaled = False
-    kernel = "lssa_flash"  # LSSA; LSSAR (reweight_p > 0) runs lssar_flash
 
     def constants(self, site: SiteFacts, config: Softplus) -> dict:
         return dict(causal=site.causal, reweight_p=float(config.reweight_p))

@@ -53,7 +53,6 @@ class Sparse(VariantConfig):
 class SparseVariant(Variant):
     config = Sparse
     title = "sparse attention"
-    kernel = "flash"
 
     def load(self, config: Sparse, *, mask_modules: tuple[str, ...]) -> None:
         if config.pattern == "block":
