@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import types
+import warnings
 from typing import Any
 
 import torch
@@ -180,6 +181,13 @@ def _install_anchor(model: nn.Module, path: str, container: AttnResParameters) -
     owner.register_forward_pre_hook(Anchor(container))
 
 
+GENERATE_BYPASSES = (
+    "attncc.compile(model, ...).generate runs the model's own generate, which calls the uncompiled forward: "
+    "attncc rewrites nothing there, so the tokens come from the original attention. Generation with attncc is "
+    "not supported yet: a decode step (queries at the end of a cached sequence) is not yet recognized as causal "
+    "with an offset, so a position-dependent variant would differ between prefill and decode.")
+
+
 class Compiled:
     """What attncc.compile returns: torch.compile's module, whose first call prepares the model.
 
@@ -202,6 +210,8 @@ class Compiled:
             compiled = self.__dict__["_attncc_compiled"]
         except KeyError:
             raise AttributeError(name) from None
+        if name == "generate":
+            warnings.warn(GENERATE_BYPASSES, stacklevel=2)
         return getattr(compiled, name)
 
 

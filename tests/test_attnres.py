@@ -477,3 +477,14 @@ def test_a_stream_split_by_a_graph_break_is_left_alone():
     sites = _residual(be.report)
     assert sites and all(s.status == "unsupported" and "graph break" in s.reason for s in sites), be.report
     assert attncc.parameters(model) == []
+
+
+def test_generate_through_attncc_compile_warns_that_it_bypasses_attncc():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    compiled = attncc.compile(model, {"attention": "linear"})
+    with pytest.warns(UserWarning, match="runs the model's own generate.*not supported yet"):
+        compiled.generate
