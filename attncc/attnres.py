@@ -24,25 +24,20 @@ that says to call attncc.prepare or attncc.compile.
 
 from __future__ import annotations
 
-import inspect
-import types
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from attncc.codegen.variants.attnres.reference import attnres
-from attncc.compiler import Backend, keeping_last_report
-from attncc.errors import AttnccError, PolicyError
+from attncc.compiler import Backend, keeping_last_report, trace_once
+from attncc.errors import AttnccError
 from attncc.passes.model import remember
 from attncc.passes.residual import DEFAULT_EPS, StreamNeeds, attnres_anchor, discovering
 from attncc.policy import Policy, load_policy
 
 ATTRIBUTE = "attncc_attnres"
 
-# torch >= 2.13: the discovery trace's recompiles get their own count, so they never use up another compile's limit
-_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 class DepthQuery(nn.Module):
@@ -53,9 +48,6 @@ class DepthQuery(nn.Module):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
         self.key_norm = nn.RMSNorm(dim, eps=eps, dtype=dtype, device=device)
-
-    def forward(self, sources: list[torch.Tensor]) -> torch.Tensor:
-        return attnres(sources, self.query, self.key_norm.weight, self.key_norm.eps)
 
 
 class AttnResParameters(nn.ModuleDict):
@@ -107,7 +99,7 @@ def prepare(model: nn.Module, policy: Any = None, example_args: Any = None,
     needs = _discover(model, policy, example_args, example_kwargs or {})
     container = _container(model, needs)
     _install_anchor(model, needs.module, container)
-    remember(model)
+    remember(model)  # again: the AttnRes parameters are the model's now too
     return model
 
 
@@ -117,18 +109,8 @@ def _discover(model: nn.Module, policy: Policy, args: Any, kwargs: dict) -> Stre
         args = (args,)
     be = Backend(Policy(name=policy.name, target=policy.target, residual=policy.residual, source=policy.source),
                  inner="eager")
-    # an entry function of its own: its compiled entries are not the model's and go with it
-    scope = getattr(type(model).forward, "__globals__", _call.__globals__)
-    trace = torch.compile(types.FunctionType(_call.__code__.replace(), scope, "_call"), backend=be, dynamic=False,
-                          **_ISOLATED)
-    try:
-        with keeping_last_report(), discovering() as found:
-            trace(model, tuple(args), kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as err:
-        inner = getattr(err, "inner_exception", None)
-        if isinstance(inner, (PolicyError, AttnccError)):
-            raise inner from err
-        raise
+    with keeping_last_report(), discovering() as found:
+        trace_once(model, be, tuple(args), kwargs)
     distinct = list(dict.fromkeys(found))
     if not distinct:
         raise AttnccError(f"attncc.prepare found no residual stream to rewrite in {type(model).__name__}:\n"
@@ -137,10 +119,6 @@ def _discover(model: nn.Module, policy: Policy, args: Any, kwargs: dict) -> Stre
         raise AttnccError(f"attncc.prepare found {len(distinct)} residual streams in {type(model).__name__} (one per "
                           "graph: an encoder-decoder, or graph breaks?); AttnRes rewrites a single stream")
     return distinct[0]
-
-
-def _call(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    return model(*args, **kwargs)
 
 
 def _container(model: nn.Module, needs: StreamNeeds) -> AttnResParameters:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 import os
+import types
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from attncc.errors import PolicyError, VerificationError
+from attncc.errors import AttnccError, PolicyError, VerificationError
 from attncc.codegen.variants import KERNEL_CHOICES, variant_for
 from attncc.passes.context import Context, Options
 from attncc.passes.pipeline import run_pipeline
@@ -143,6 +145,34 @@ def registered_backend(gm: fx.GraphModule, example_inputs: list[Any], options: d
     _check_option_keys(options, allow_policy=True)
     policy = options.pop("policy", None)
     return Backend(policy, **options)(gm, example_inputs)
+
+
+# torch >= 2.13: a trace's recompiles get their own count, so they never use up another compile's limit
+ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+
+def trace_once(model: torch.nn.Module, be: Backend, args: tuple, kwargs: dict) -> Any:
+    """`model(*args, **kwargs)` through torch.compile with `be`, from an entry function of its own; what
+    the backend raises (a PolicyError, an AttnccError) surfaces as itself, not wrapped by dynamo.
+
+    Dynamo keeps compiled entries on the code object it traces, so the entries of this trace touch no
+    other compiled function and are freed with it. The entry's globals are those of the model's forward,
+    as when dynamo traces the model itself (dynamo imports the module of an inlined function whose
+    globals differ from the traced frame's, and a model's module need not be importable). Static shapes
+    (dynamic=False), as on a first compile, whatever shapes earlier traces saw."""
+    scope = getattr(type(model).forward, "__globals__", _call.__globals__)
+    entry = types.FunctionType(_call.__code__.replace(), scope, "_call")
+    try:
+        return torch.compile(entry, backend=be, fullgraph=False, dynamic=False, **ISOLATED)(model, args, kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        inner = getattr(err, "inner_exception", None)
+        if isinstance(inner, (PolicyError, AttnccError)):
+            raise inner from err
+        raise
+
+
+def _call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    return model(*args, **kwargs)
 
 
 def _check_option_keys(options: dict, allow_policy: bool) -> None:

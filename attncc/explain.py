@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,13 +11,12 @@ from typing import Any
 import torch
 
 from attncc.attnres import prepare
-from attncc.compiler import Backend, keeping_last_report
-from attncc.errors import AttnccError, PolicyError
+from attncc.compiler import Backend, keeping_last_report, trace_once
+from attncc.errors import AttnccError
 from attncc.policy import check_sites
 from attncc.report import Report
 
 # torch >= 2.13: the trace's recompiles get their own count, so they never use up another compile's limit
-_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
@@ -40,20 +38,11 @@ def explain(model: torch.nn.Module, example_args: Any, policy: Any = None,
         example_args = (example_args,)
     be = Backend(policy, inner="eager", mask_modules=mask_modules)
     traced = _copy_sharing_parameters(getattr(model, "_orig_mod", model))
-    # dynamic=False: static shapes, as on a first compile, whatever shapes earlier explains traced
-    trace = torch.compile(_own_code(_call, traced), backend=be, fullgraph=False, dynamic=False, **_ISOLATED)
     breaks_before = dict(torch._dynamo.utils.counters["graph_break"])
-    try:
-        with keeping_last_report(), _dropping_new_cache_entries():
-            if be.policy.residual.variant != "keep":  # the copy gets its own AttnRes parameters
-                prepare(traced, be.policy, example_args, example_kwargs)
-            trace(traced, tuple(example_args), example_kwargs or {})
-    except torch._dynamo.exc.BackendCompilerFailed as err:
-        # dynamo wraps what the backend raises; a bad policy or an attncc error surfaces as itself
-        inner = getattr(err, "inner_exception", None)
-        if isinstance(inner, (PolicyError, AttnccError)):
-            raise inner from err
-        raise
+    with keeping_last_report(), _dropping_new_cache_entries():
+        if be.policy.residual.variant != "keep":  # the copy gets its own AttnRes parameters
+            prepare(traced, be.policy, example_args, example_kwargs)
+        trace_once(traced, be, tuple(example_args), example_kwargs or {})
     report = be.report
     breaks = _new_graph_breaks(breaks_before)
     if not report.graphs:
@@ -77,21 +66,6 @@ def _new_graph_breaks(before: dict[str, int]) -> str:
         return ""
     return (". dynamo broke the graph (code after a break that dynamo skips, such as torch.nn's own modules, "
             "is never compiled): " + "; ".join(reasons[:3]))
-
-
-def _call(model: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    return model(*args, **kwargs)
-
-
-def _own_code(fn: types.FunctionType, model: torch.nn.Module) -> types.FunctionType:
-    """`fn` with a code object of its own. Dynamo keeps compiled entries on the code object it traces, so the
-    entries of a trace through this copy touch no other compiled function and are freed with it.
-
-    Its globals are those of the model's forward, as when dynamo traces the model itself: dynamo imports the
-    module of an inlined function whose globals differ from the traced frame's, and a model's module need
-    not be importable (a file loaded by path)."""
-    scope = getattr(type(model).forward, "__globals__", fn.__globals__)
-    return types.FunctionType(fn.__code__.replace(), scope, fn.__name__)
 
 
 def _copy_sharing_parameters(model: torch.nn.Module) -> torch.nn.Module:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import attncc
 import attncc.compiler
 from attncc.cli import main
-from attncc.explain import _ISOLATED
+from attncc.compiler import ISOLATED
 from attncc.codegen.variants.sparse import Sparse
 from attncc.policy import PolicyError, load_policy
 from models import zoo
@@ -139,7 +139,7 @@ def test_explain_can_run_more_often_than_the_recompile_limit():
 @pytest.mark.parametrize("compiled_first", [
     pytest.param(False, id="explain-only"),
     pytest.param(True, id="after-a-compile", marks=pytest.mark.skipif(
-        not _ISOLATED, reason="before torch 2.13 a trace's compiles of a code object count against an earlier compile's")),
+        not ISOLATED, reason="before torch 2.13 a trace's compiles of a code object count against an earlier compile's")),
 ])
 def test_explain_across_a_graph_break(counting, compiled_first):
     torch.manual_seed(0)
