@@ -159,37 +159,57 @@ def _install_anchor(model: nn.Module, path: str, container: AttnResParameters) -
     owner.register_forward_pre_hook(Anchor(container))
 
 
-GENERATE_BYPASSES = (
-    "attncc.compile(model, ...).generate runs the model's own generate, which calls the uncompiled forward: "
-    "attncc rewrites nothing there, so the tokens come from the original attention. Generation with attncc is "
-    "not supported yet: a decode step (queries at the end of a cached sequence) is not yet recognized as causal "
-    "with an offset, so a position-dependent variant would differ between prefill and decode.")
-
-
 class Compiled:
     """What attncc.compile returns: torch.compile's module, whose first call prepares the model.
 
-    Attributes other than the call are torch.compile's (`.train()`, `.parameters()`, `._orig_mod`, ...).
+    Attributes other than the call and `generate` are torch.compile's (`.train()`, `.parameters()`,
+    `._orig_mod`, ...).
     """
 
     def __init__(self, model: nn.Module, backend: Backend, torch_compile_kwargs: dict):
         self._attncc_backend = backend
         self._attncc_pending = backend.policy.residual.variant != "keep"
         self._attncc_compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+        self._attncc_kwargs = torch_compile_kwargs
+        self._attncc_forward: Any = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._prepare(args, kwargs)
+        return self._attncc_compiled(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's own `generate` (transformers), with every forward it calls compiled by attncc.
+
+        generate calls `model.forward` directly, not the module: for the call, the model's `forward`
+        is torch.compile(model.forward, backend=attncc's backend), the recipe transformers documents
+        for compiled generation. The prefill and decode graphs both appear in the backend's report.
+        """
+        model = self._attncc_compiled._orig_mod
+        ids = args[0] if args else kwargs.get("input_ids")
+        self._prepare((), {"input_ids": ids, **({"attention_mask": kwargs["attention_mask"]}
+                                               if kwargs.get("attention_mask") is not None else {})})
+        if self._attncc_forward is None:
+            self._attncc_forward = torch.compile(model.forward, backend=self._attncc_backend, **self._attncc_kwargs)
+        own = model.__dict__.get("forward")
+        model.forward = self._attncc_forward
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+
+    def _prepare(self, args: tuple, kwargs: dict) -> None:
         if self._attncc_pending:
             prepare(self._attncc_compiled._orig_mod, self._attncc_backend.policy, args, kwargs)
             self._attncc_pending = False
-        return self._attncc_compiled(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             compiled = self.__dict__["_attncc_compiled"]
         except KeyError:
             raise AttributeError(name) from None
-        if name == "generate":
-            warnings.warn(GENERATE_BYPASSES, stacklevel=2)
         return getattr(compiled, name)
 
 

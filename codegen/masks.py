@@ -4,7 +4,14 @@ repetition, and the input checks.
 A mask mod follows the FlexAttention convention (§8.3): ``mask_mod(b, h, q_idx, kv_idx) -> bool
 tensor``, True where query ``q_idx`` may attend to key ``kv_idx``. The arguments are integer tensors
 that broadcast against each other (``dense_mask`` passes ``[B,1,1,1]``, ``[1,H,1,1]``, ``[1,1,Tq,1]``,
-``[1,1,1,Tk]``; FlexAttention passes scalars under vmap). Every factory returns a function whose
+``[1,1,1,Tk]``; FlexAttention passes scalars under vmap).
+
+**Causal queries end the key sequence.** When a causal site has fewer queries than keys (a decode
+step, a chunked prefill: the keys are a cache plus the new tokens), query i sits at position
+Tk - Tq + i, so it computes exactly what the same position computes in the full sequence. Mask mods
+see that position as ``q_idx`` (``dense_mask(..., q_offset=Tk - Tq)``); with Tq == Tk nothing changes.
+
+Every factory returns a function whose
 ``__name__`` describes it (e.g. ``sliding_window_1024_sinks_4``), because names end up in cache keys
 and reports.
 """
@@ -38,7 +45,7 @@ def _named(name: str, mask_mod: MaskMod) -> MaskMod:
 
 
 def causal() -> MaskMod:
-    """Query i sees keys j <= i (top-left aligned, like SDPA's ``is_causal``)."""
+    """Query position i sees keys j <= i."""
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
@@ -127,21 +134,40 @@ def dense_mask(
     Tq: int,
     Tk: int,
     device: torch.device | str | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """Evaluate ``mask_mod`` on every index: bool [B or 1, H or 1, Tq, Tk].
 
     Pass ``B=None`` / ``H=None`` for a mask that does not depend on the batch / head index; that
-    axis then has size 1 and ``mask_mod`` only ever sees index 0 there.
+    axis then has size 1 and ``mask_mod`` only ever sees index 0 there. Query row i is position
+    ``q_offset + i`` (``causal_offset``).
     """
     shape = (B or 1, H or 1, Tq, Tk)
     b = torch.arange(shape[0], device=device).view(-1, 1, 1, 1)
     h = torch.arange(shape[1], device=device).view(1, -1, 1, 1)
-    q_idx = torch.arange(Tq, device=device).view(1, 1, -1, 1)
+    q_idx = (torch.arange(Tq, device=device) + q_offset).view(1, 1, -1, 1)
     kv_idx = torch.arange(Tk, device=device).view(1, 1, 1, -1)
     mask = mask_mod(b, h, q_idx, kv_idx)
     if mask.dtype != torch.bool:
         raise ValueError(f"mask mod {mask_mod.__name__!r} returned {mask.dtype}, expected torch.bool")
     return mask.expand(shape).contiguous()
+
+
+def causal_offset(tq: int, tk: int) -> int:
+    """Position of a causal site's first query: Tk - Tq (its queries end the key sequence)."""
+    if tq > tk:
+        raise ValueError(f"causal attention needs at most as many queries as keys (the queries end the key "
+                         f"sequence), got Tq={tq}, Tk={tk}")
+    return tk - tq
+
+
+def queries_at_end(q: Tensor, tk: int) -> Tensor:
+    """q [..., Tq, D] behind Tk - Tq zero queries: a causal form over Tq == Tk computes, in its last Tq
+    rows, exactly what queries ending a longer key sequence compute (rows are independent)."""
+    offset = causal_offset(q.shape[-2], tk)
+    if not offset:
+        return q
+    return torch.cat([q.new_zeros(*q.shape[:-2], offset, q.shape[-1]), q], dim=-2)
 
 
 def prepare_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:

@@ -37,24 +37,28 @@ def keys_per_head(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def structure(kind: str, window: int, tq: int, tk: int, device: torch.device) -> Tensor | None:
-    """[Tq, Tk] may-attend of a structure (top-left aligned), or None when it cannot apply to these sizes."""
+    """[Tq, Tk] may-attend of a structure, or None when it cannot apply to these sizes. Causal queries
+    end the key sequence (query i is position Tk - Tq + i, codegen/masks.py)."""
     if kind == "none":
         return torch.ones(tq, tk, dtype=torch.bool, device=device)
-    if tq != tk or kind not in ("causal", "sliding_window"):
+    if tq > tk or kind not in ("causal", "sliding_window"):
         return None
-    i = torch.arange(tq, device=device)[:, None]
+    i = torch.arange(tk - tq, tk, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
     out = j <= i
     return out & (i - j < window) if kind == "sliding_window" else out
 
 
-def check(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
-    """(keys [B', Tk], None when the mask is `kind` & key padding, else why not).
+def check(mask: Tensor, kind: str, window: int, tq: int) -> tuple[Tensor, str | None]:
+    """(keys [B', Tk], None when the mask is `kind` & key padding for `tq` queries, else why not).
 
-    The mask broadcasts to [B', H', Tq', Tk] (fewer leading dims are unsqueezed); Tq' = 1 is a mask
-    shared by every query, which can only be key padding.
+    The mask broadcasts to [B', H', Tq, Tk] (fewer leading dims are unsqueezed; a mask with one row
+    is shared by every query). Causal queries that end a longer key sequence (a decode step) must
+    have their own keys real: a cache whose unused slots trail the queries (a static cache) puts the
+    queries elsewhere than at the end.
     """
     ok, per_head = keys_per_head(mask)
+    ok = ok.expand(*ok.shape[:-2], tq, ok.shape[-1])
     keys = per_head[:, 0]
     if mask.dtype != torch.bool and not bool((torch.where(ok, mask, 0) == 0).all()):
         return keys, "an additive mask adds values other than 0 where it allows a key"
@@ -66,6 +70,8 @@ def check(mask: Tensor, kind: str, window: int) -> tuple[Tensor, str | None]:
         return keys, f"a {tq}x{tk} mask cannot be {kind}"
     if not bool((ok == (shape & keys[:, None, None, :])).all()):
         return keys, f"the mask is not {describe(kind, window)} with key padding"
+    if kind != "none" and tq < tk and not bool(keys[:, tk - tq:].all()):
+        return keys, f"the {tq} queries do not end the {tk} keys (keys after them are masked, as in a static cache)"
     return keys, None
 
 
@@ -79,9 +85,10 @@ def batch_keys(keys: Tensor, batch: int) -> Tensor:
 
 
 @torch.library.custom_op("attncc::mask_keys", mutates_args=())
-def mask_keys(mask: Tensor, kind: str, window: int, site: str) -> Tensor:
-    """The key padding [B', Tk] of a mask of structure `kind`; raises MaskMismatch when it is not one."""
-    keys, problem = check(mask, kind, window)
+def mask_keys(mask: Tensor, kind: str, window: int, tq: int, site: str) -> Tensor:
+    """The key padding [B', Tk] of a mask of structure `kind` for `tq` queries; raises MaskMismatch
+    when it is not one."""
+    keys, problem = check(mask, kind, window, tq)
     if problem:
         raise MaskMismatch(
             f"attncc: site {site}: {problem}, but the site was compiled for {describe(kind, window)} masks "
@@ -92,6 +99,6 @@ def mask_keys(mask: Tensor, kind: str, window: int, site: str) -> Tensor:
 
 
 @mask_keys.register_fake
-def _(mask, kind, window, site):
+def _(mask, kind, window, tq, site):
     lead = mask.shape[0] if mask.dim() == 4 else 1
     return mask.new_empty((lead, mask.shape[-1]), dtype=torch.bool)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from attncc.codegen.variants import SiteCall, variant_for
+from attncc.codegen.variants import SiteCall, same_size, variant_for
 from attncc.errors import PolicyError
 from attncc.facts import CAUSAL, NONE, OTHER, MaskKind, SiteFacts
 from attncc.policy import check_sites
@@ -146,14 +146,30 @@ def classify_masks(ctx: Context) -> None:
         match = state.match
         if match is None or state.kind != "attention":
             continue
-        kind = _classify(ctx, match)
+        q_shape, k_shape, _ = match.shapes()
+        if match.is_causal and not (q_shape and k_shape and same_size(q_shape[-2], k_shape[-2])):
+            state.site.status, state.site.reason = "unsupported", TOP_LEFT
+            continue
+        kind = _classify(ctx, match, decoding=_decoding(match))
         if match.is_causal:
-            kind = CAUSAL if kind == NONE else OTHER
+            kind = CAUSAL if kind in (NONE, CAUSAL) else OTHER
         state.mask = kind
         state.site.mask = str(kind)
         state.site.causal = kind.causal
         if state.cross and kind.causal:
             state.cross = False
+
+
+TOP_LEFT = ("SDPA's is_causal with queries and keys of sizes that may differ aligns the queries at the start of "
+            "the keys; attncc's causal variants align them at the end (a decode step), so the site is left unchanged")
+
+
+def _decoding(match: AttentionMatch) -> bool:
+    """A single query projected from the same activation as its keys: a decode step of self-attention
+    (the keys are a cache plus the query's own token). Its query ends the key sequence, so a mask that
+    allows every key is causal there (masks.classify)."""
+    q_src, k_src = _projection_input(match.q), _projection_input(match.k)
+    return match.q_len == 1 and q_src is not None and q_src is k_src
 
 
 def _mask_target(match: AttentionMatch) -> fx.Node | None:
@@ -182,17 +198,17 @@ def _mask_inputs(ctx: Context, match: AttentionMatch, target: fx.Node) -> tuple[
     return params, reads
 
 
-def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
+def _classify(ctx: Context, match: AttentionMatch, decoding: bool) -> MaskKind:
     """The site's mask kind: a compile-time fact, or a hypothesis its op checks on every call."""
     target = _mask_target(match)
     if target is None:
-        return NONE
+        return CAUSAL if decoding else NONE
     if not isinstance(target, fx.Node):
         return OTHER
     params, reads = _mask_inputs(ctx, match, target)
     if params:
         return OTHER
-    kind = _classify_by_example(ctx, match, target)
+    kind = _classify_by_example(ctx, match, target, decoding)
     if not kind.structural:
         return kind
     if reads:
@@ -200,7 +216,7 @@ def _classify(ctx: Context, match: AttentionMatch) -> MaskKind:
     return kind
 
 
-def _classify_by_example(ctx: Context, match: AttentionMatch, target: fx.Node) -> MaskKind:
+def _classify_by_example(ctx: Context, match: AttentionMatch, target: fx.Node, decoding: bool) -> MaskKind:
     """The mask kind on the example inputs; for a graph with symbolic sizes, also at other lengths.
 
     A graph with static sizes only ever runs at its example's sizes (dynamo guards them), so one
@@ -209,11 +225,11 @@ def _classify_by_example(ctx: Context, match: AttentionMatch, target: fx.Node) -
     sub-graph (a window of 4096 only shows beyond 4096 tokens). Every length must give the same
     structure (padding aside), else the mask is `other`.
     """
-    kind = _classify_at(ctx, match, target, ctx.placeholder_values(), {})
+    kind = _classify_at(ctx, match, target, ctx.placeholder_values(), {}, decoding)
     seen = [(match.kv_len, kind)]
     for values, bindings in ctx.alternative_lengths(_int_constants(target, match)):
         length = ctx.concrete(meta_value(match.k).shape[-2], bindings) if shape_of(match.k) else None
-        seen.append((length, _classify_at(ctx, match, target, values, bindings)))
+        seen.append((length, _classify_at(ctx, match, target, values, bindings, decoding)))
     windows = {k.window for _, k in seen if k.window is not None}
     if len(windows) > 1:
         return OTHER
@@ -234,7 +250,8 @@ def _structure(kind: MaskKind) -> tuple[str, int | None]:
     return kind.structure, kind.window
 
 
-def _classify_at(ctx: Context, match: AttentionMatch, target: fx.Node, values: dict, bindings: dict) -> MaskKind:
+def _classify_at(ctx: Context, match: AttentionMatch, target: fx.Node, values: dict, bindings: dict,
+                 decoding: bool) -> MaskKind:
     seed = {}
     if match.pattern != "sdpa_attention":
         value = meta_value(match.scores)
@@ -246,7 +263,7 @@ def _classify_at(ctx: Context, match: AttentionMatch, target: fx.Node, values: d
     if bias is None:
         return OTHER
     allowed, pure = allowed_from_bias(bias)
-    return classify(allowed, pure)
+    return classify(allowed, pure, decoding=decoding)
 
 
 def _int_constants(target: fx.Node, match: AttentionMatch) -> set[int]:
@@ -276,6 +293,8 @@ def choose_variants(ctx: Context) -> None:
             ctx.policy_warnings.append(str(problem))
     by_layer = _depends_on_layer(ctx.policy)
     for state in attention:
+        if state.site.status == "unsupported":  # refused while classifying its mask
+            continue
         if by_layer and layer_of(state.module) is None:
             state.site.status, state.site.reason = "unsupported", UNINDEXED.format(by_layer=by_layer)
             continue

@@ -24,8 +24,15 @@ def allowed_from_bias(bias: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return allowed, bool((bias[allowed] == 0).all())
 
 
-def classify(allowed: torch.Tensor, pure: bool = True) -> MaskKind:
-    """Classify a boolean may-attend tensor broadcastable to [B, H, Tq, Tk]."""
+def classify(allowed: torch.Tensor, pure: bool = True, *, decoding: bool = False) -> MaskKind:
+    """Classify a boolean may-attend tensor broadcastable to [B, H, Tq, Tk].
+
+    Causal structures put the queries at the end of the keys (query i is position Tk - Tq + i: a
+    decode step or chunked prefill over a cache), and need the queries' own keys to be real (a static
+    cache, whose unused slots trail the queries, is not causal here: it stays none + padding). With
+    one query every visible key is also "none"; `decoding` (a self-attention decode step) prefers
+    causal then, so that position-dependent variants see the query's position.
+    """
     if not pure:
         return OTHER
     while allowed.dim() < 4:
@@ -38,16 +45,18 @@ def classify(allowed: torch.Tensor, pure: bool = True) -> MaskKind:
     tq, tk = allowed.shape[-2:]
     keys = allowed.any(dim=-2)  # [B', Tk]: a key nobody attends is padding
     padded = not bool(keys.all())
-    i = torch.arange(tq, device=allowed.device)[:, None]
+    i = torch.arange(tk - tq, tk, device=allowed.device)[:, None]  # the queries' positions
     j = torch.arange(tk, device=allowed.device)[None, :]
 
     def same(structure: torch.Tensor) -> bool:
         expected = structure[None] & keys[:, None, :]
         return bool((allowed == expected).all())
 
-    if same(torch.ones(tq, tk, dtype=torch.bool, device=allowed.device)):
+    everything = same(torch.ones(tq, tk, dtype=torch.bool, device=allowed.device))
+    ends_keys = tq == tk or (tq < tk and bool(keys[:, tk - tq:].all()))
+    if everything and not (decoding and tq == 1 and ends_keys):
         return MaskKind("none", padding=padded)
-    if tq != tk:
+    if not ends_keys:
         return OTHER
     causal = j <= i
     if same(causal):

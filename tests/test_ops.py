@@ -259,11 +259,11 @@ def test_mask_keys_opcheck_and_refusal():
     from attncc.codegen.runtime_mask import MaskMismatch
 
     mask = _causal_masks("causal").to(DEVICE)
-    torch.library.opcheck(torch.ops.attncc.mask_keys.default, (mask, "causal", 0, "site"))
-    keys = torch.ops.attncc.mask_keys(mask, "causal", 0, "site")
+    torch.library.opcheck(torch.ops.attncc.mask_keys.default, (mask, "causal", 0, 20, "site"))
+    keys = torch.ops.attncc.mask_keys(mask, "causal", 0, 20, "site")
     assert keys.tolist()[0] == [False] * 5 + [True] * 15 and all(keys[1].tolist())
     with pytest.raises(MaskMismatch, match="site layers.3: the mask is not causal with key padding"):
-        torch.ops.attncc.mask_keys(_causal_masks("packed").to(DEVICE), "causal", 0, "layers.3")
+        torch.ops.attncc.mask_keys(_causal_masks("packed").to(DEVICE), "causal", 0, 20, "layers.3")
 
 
 @pytest.mark.gpu
@@ -305,7 +305,7 @@ def test_mask_check_sees_a_mask_changed_in_place():
     from attncc.codegen.runtime_mask import MaskMismatch
 
     mask = _causal_masks("causal").to(DEVICE)
-    torch.ops.attncc.mask_keys(mask, "causal", 0, "site")
+    torch.ops.attncc.mask_keys(mask, "causal", 0, 20, "site")
     mask.copy_(_causal_masks("packed").to(DEVICE))
     with pytest.raises(MaskMismatch):
-        torch.ops.attncc.mask_keys(mask, "causal", 0, "site")
+        torch.ops.attncc.mask_keys(mask, "causal", 0, 20, "site")

@@ -13,7 +13,7 @@ from attncc.config import VariantConfig
 
 from . import keep, linear, mala, softmax, softplus, sparse, sqa
 from .attnres import AttnRes, ResidualKeep
-from .base import KERNEL_CHOICES, SiteCall, Variant
+from .base import KERNEL_CHOICES, SiteCall, Variant, same_size
 
 ATTENTION: dict[type[VariantConfig], Variant] = {
     keep.Keep: keep.VARIANT,
@@ -32,4 +32,4 @@ def variant_for(config: Any) -> Variant:
     return ATTENTION[type(config)]
 
 
-__all__ = ["ATTENTION", "KERNEL_CHOICES", "RESIDUAL", "SiteCall", "Variant", "variant_for"]
+__all__ = ["ATTENTION", "KERNEL_CHOICES", "RESIDUAL", "SiteCall", "Variant", "same_size", "variant_for"]

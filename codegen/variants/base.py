@@ -115,13 +115,21 @@ class SiteCall:
             warnings.warn(f"kernels='triton': the {self.variant.name} site {self.key} runs the reference ({why}); "
                           "explain's `kernel` column shows what each site ran", stacklevel=2)
 
-    def keys(self, mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-        """The key padding [B, Tk] of this call's mask, its structure checked (MaskMismatch if it
-        is not the compiled one); None without a mask."""
+    def keys(self, mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+        """The key padding [B, Tk] of this call's mask, its structure checked for q's queries
+        (MaskMismatch if it is not the compiled one); None without a mask."""
         if mask is None:
             return None
-        keys = runtime_mask.mask_keys(mask, self.mask.structure, int(self.mask.window or 0), self.key)
-        return runtime_mask.batch_keys(keys, batch)
+        keys = runtime_mask.mask_keys(mask, self.mask.structure, int(self.mask.window or 0), q.shape[-2], self.key)
+        return runtime_mask.batch_keys(keys, q.shape[0])
+
+    def queries_end_keys(self, q: torch.Tensor, k: torch.Tensor) -> str | None:
+        """Why the kernels cannot run this call: a causal site whose queries end a longer key sequence
+        (a decode step; the kernels align queries with keys), else None. Decided per call: comparing
+        the sizes installs a guard, so a graph traced with Tq == Tk is not reused for Tq < Tk."""
+        if self.mask.causal and q.shape[-2] != k.shape[-2]:
+            return "the causal queries end a longer key sequence (a decode step); the kernels need Tq == Tk"
+        return None
 
 
 def served(site: SiteFacts, structures: tuple[str, ...], title: str) -> str | None:
@@ -131,8 +139,9 @@ def served(site: SiteFacts, structures: tuple[str, ...], title: str) -> str | No
     if site.mask.structure not in structures:
         served = ", ".join(f"{s} (+padding)" for s in structures)
         return f"{title} cannot serve a '{site.mask}' mask (it serves: {served}); site left unchanged"
-    if site.mask.causal and not same_size(site.q_shape[-2], site.k_shape[-2]):
-        return f"causal {title} needs as many queries as keys (got {site.q_shape[-2]} and {site.k_shape[-2]})"
+    tq, tk = site.q_shape[-2], site.k_shape[-2]
+    if site.mask.causal and isinstance(tq, int) and isinstance(tk, int) and tq > tk:
+        return f"causal {title} needs at most as many queries as keys (got {tq} and {tk})"
     return None
 
 

@@ -70,9 +70,10 @@ class LinearVariant(Variant):
         c = call.constants
         rates = c["decay_rates"]
         decay = None if rates is None else torch.tensor(rates, dtype=torch.float32, device=q.device)
-        keys = call.keys(mask, q.shape[0])
+        keys = call.keys(mask, q)
         why = chunked.supports(q.shape[-1], v.shape[-1], q.dtype, c["feature_map"]) if q.dim() == 4 else \
             "linear kernel needs 4-D [B, H, T, D] tensors"
+        why = why or call.queries_end_keys(q, k)
         if why or not call.use_kernels(q, k, v):
             call.ran_reference(q, k, v, why=why)
             return ops.linear_attention(q, k, v, keys, decay, c["causal"], c["feature_map"], c["normalize"],

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncc.codegen.masks import prepare_qkv
+from attncc.codegen.masks import prepare_qkv, queries_at_end
 
 
 def _elu1(x: Tensor) -> Tensor:
@@ -103,8 +103,9 @@ def linear_attention(
 
     q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv] in q's dtype.
     ``decay`` is a rate tensor [H] (λ_h = exp(-s_h), s_h >= 0; see ``lightning_decay_rates``) and
-    needs ``causal=True``. ``key_padding`` is bool [B, Tk], True = real token. Causal requires
-    Tq == Tk. A query with no visible key (causal, left padding) outputs 0.
+    needs ``causal=True``. ``key_padding`` is bool [B, Tk], True = real token. Causal queries end the
+    key sequence (masks.py: query i is position Tk - Tq + i). A query with no visible key (causal,
+    left padding) outputs 0.
     """
     if feature_map not in _FEATURE_MAPS:
         raise ValueError(f"unknown feature map {feature_map!r}; expected one of {sorted(_FEATURE_MAPS)}")
@@ -114,9 +115,10 @@ def linear_attention(
         raise ValueError(
             "decay is only defined for causal linear attention (§4.1 sums over s <= t); pass causal=True"
         )
-    if causal and q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"causal linear attention needs Tq == Tk, got Tq={q.shape[-2]}, Tk={k.shape[-2]}")
     out_dtype = q.dtype
+    tq = q.shape[-2]
+    if causal:
+        q = queries_at_end(q, k.shape[-2])
     phi = _FEATURE_MAPS[feature_map]
     q, k, v = prepare_qkv(q, k, v, key_padding)
     q, k = phi(q), phi(k)
@@ -124,6 +126,7 @@ def linear_attention(
         k = k * key_padding[:, None, :, None]
     if causal:
         out = _causal_chunked(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps, chunk)
+        out = out[:, :, out.shape[2] - tq:]
     else:
         out = _bidirectional(q, k, v, normalize, eps)
     return out.to(out_dtype)

@@ -39,9 +39,10 @@ class MalaVariant(Variant):
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         c = call.constants
-        keys = call.keys(mask, q.shape[0])
+        keys = call.keys(mask, q)
         why = chunked.supports(q.shape[-1], v.shape[-1], q.dtype, "elu1") if q.dim() == 4 else \
             "MALA's kernel needs 4-D [B, H, T, D] tensors"
+        why = why or call.queries_end_keys(q, k)
         if why or not call.use_kernels(q, k, v):
             call.ran_reference(q, k, v, why=why)
             return ops.mala_attention(q, k, v, keys, c["causal"], c["sim_scale"])

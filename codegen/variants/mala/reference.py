@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncc.codegen.masks import prepare_qkv
+from attncc.codegen.masks import prepare_qkv, queries_at_end
 
 
 def mala_attention(
@@ -40,13 +40,14 @@ def mala_attention(
     """MALA (§6.1 bidirectional, §6.2 causal); see the module docstring for the formula.
 
     q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv] in q's dtype.
-    Causal requires Tq == Tk. ``key_padding`` is bool [B, Tk], True = real token.
+    Causal queries end the key sequence (masks.py). ``key_padding`` is bool [B, Tk], True = real token.
     """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
-    if causal and q.shape[-2] != k.shape[-2]:
-        raise ValueError(f"causal MALA needs Tq == Tk, got Tq={q.shape[-2]}, Tk={k.shape[-2]}")
     out_dtype = q.dtype
+    tq = q.shape[-2]
+    if causal:
+        q = queries_at_end(q, k.shape[-2])
     s = q.shape[-1] ** -0.5 if sim_scale is None else sim_scale
     q, k, v = prepare_qkv(q, k, v, key_padding)
     q, k = F.elu(q) + 1, F.elu(k) + 1
@@ -66,7 +67,8 @@ def mala_attention(
     z = c * qk
     beta = 1 + 1 / (z + eps)
     gamma = z / count
-    return (beta * c * qkv - gamma * v_sum).to(out_dtype)
+    out = beta * c * qkv - gamma * v_sum
+    return out[:, :, out.shape[2] - tq:].to(out_dtype)
 
 
 def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor, chunk: int):

@@ -54,6 +54,7 @@ def attention(call: SiteCall, q, k, v, mask, scale, dropout_p=0.0) -> torch.Tens
     causal = kind.causal
     why = "the flash kernel serves none, causal, sliding-window and padding masks" if not kind.structural else \
         ops.flash_unsupported(q, k, v, dropout_p)
+    why = why or call.queries_end_keys(q, k)
     if why or not call.use_kernels(q, k, v):
         call.ran_reference(q, k, v, why=why)
         if mask is not None:

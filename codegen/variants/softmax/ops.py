@@ -121,7 +121,9 @@ def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     """Softmax attention under a mask compiled as `kind` & key padding: the flash kernel when this
     call's mask has that structure, else the dense reference (exact for any mask).
     Returns (o, lse, key padding [B, Tk], whether the kernel ran)."""
-    keys, problem = runtime_mask.check(mask, kind, window)
+    keys, problem = runtime_mask.check(mask, kind, window, q.shape[-2])
+    if not problem and kind != "none" and q.shape[-2] != k.shape[-2]:
+        problem = "the causal queries end a longer key sequence (the kernel needs Tq == Tk)"
     keys = runtime_mask.batch_keys(keys, q.shape[0]).contiguous()
     if problem:
         emit.ran(site, f"reference ({problem} on this call)")

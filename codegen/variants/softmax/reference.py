@@ -1,7 +1,7 @@
 """Reference softmax attention: the math every matched site computes (VARIANTS.md §1).
 
-o_i = Σ_j softmax_j(scale · q_i·k_j + bias_ij) v_j, with the causal set j <= i (top-left aligned,
-as in SDPA's is_causal) and an optional mask: boolean (True = attend) or additive (float). A query
+o_i = Σ_j softmax_j(scale · q_i·k_j + bias_ij) v_j, with the causal set j <= Tk - Tq + i (causal
+queries end the key sequence, codegen/masks.py; SDPA's is_causal agrees when Tq == Tk) and an optional mask: boolean (True = attend) or additive (float). A query
 with no allowed key (every key masked, by -inf, finfo.min or False) outputs 0, as SDPA does.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attncc.codegen.masks import NO_KEY, repeat_kv
+from attncc.codegen.masks import NO_KEY, causal_offset, repeat_kv
 
 
 def softmax_attention(
@@ -33,7 +33,7 @@ def softmax_attention(
     allowed = None
     if causal:
         tq, tk = scores.shape[-2], scores.shape[-1]
-        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril()
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=causal_offset(tq, tk))
         scores = scores.masked_fill(~allowed, float("-inf"))
     if mask is not None:
         if mask.dtype == torch.bool:

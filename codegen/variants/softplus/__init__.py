@@ -33,9 +33,10 @@ class SoftplusVariant(Variant):
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         c = call.constants
-        keys = call.keys(mask, q.shape[0])
+        keys = call.keys(mask, q)
         why = flash.supports(q.shape[-1], v.shape[-1], q.dtype, c["reweight_p"]) if q.dim() == 4 else \
             "softplus kernel needs 4-D [B, H, T, D] tensors"
+        why = why or call.queries_end_keys(q, k)
         if why or not call.use_kernels(q, k, v):
             call.ran_reference(q, k, v, why=why)
             return ops.softplus_attention(q, k, v, keys, c["causal"], c["reweight_p"])

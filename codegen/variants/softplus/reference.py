@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncc.codegen.masks import prepare_qkv
+from attncc.codegen.masks import causal_offset, prepare_qkv
 
 UNSHIFTED_ROWS = 3
 
@@ -42,8 +42,8 @@ def softplus_attention(
     """LSSA (``reweight_p = 0``) or LSSAR with exponent ``reweight_p`` (§5.1, §5.4).
 
     q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv] in q's dtype.
-    Causal is top-left aligned (query i sees keys j <= i). ``key_padding`` is bool [B, Tk],
-    True = real token.
+    Causal queries end the key sequence (masks.py: query i is position Tk - Tq + i, and LSSAR's row
+    offset counts that position). ``key_padding`` is bool [B, Tk], True = real token.
     """
     if reweight_p < 0:
         raise ValueError(f"reweight_p must be >= 0 (0 = plain LSSA), got {reweight_p}")
@@ -52,8 +52,9 @@ def softplus_attention(
     Tk = k.shape[-2]
     q, k, v = prepare_qkv(q, k, v, key_padding)
     allowed = torch.ones(1, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    first = causal_offset(Tq, Tk) if causal else 0  # the position of query row 0
     if causal:
-        allowed = allowed.tril()
+        allowed = allowed.tril(diagonal=first)
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :]
     n = allowed.sum(dim=-1, keepdim=True).float()
@@ -62,12 +63,12 @@ def softplus_attention(
     a = F.softplus(scale * cosine) * allowed
     weights = a / (a.sum(dim=-1, keepdim=True) + eps)
     if reweight_p > 0:
-        weights = _reweight(weights, n, allowed, reweight_p)
+        weights = _reweight(weights, n, allowed, reweight_p, first)
     return (weights @ v).to(out_dtype)
 
 
-def _reweight(a1: Tensor, n: Tensor, allowed: Tensor, p: float) -> Tensor:
-    rows = torch.arange(a1.shape[-2], device=a1.device).view(-1, 1)
+def _reweight(a1: Tensor, n: Tensor, allowed: Tensor, p: float, first: int) -> Tensor:
+    rows = (torch.arange(a1.shape[-2], device=a1.device) + first).view(-1, 1)
     offset = (rows >= UNSHIFTED_ROWS).float()
     x = n * a1 - offset
     kept = allowed & (x > 0)

@@ -73,9 +73,10 @@ class SparseVariant(Variant):
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         c = call.constants
         q, scale = scaled(q, scale)
-        keys = call.keys(mask, q.shape[0])
+        keys = call.keys(mask, q)
         pattern = c["pattern"]
         why = "no block-sparse kernel yet" if pattern == "block" else flash_ops.flash_unsupported(q, k, v)
+        why = why or call.queries_end_keys(q, k)
         if why or not call.use_kernels(q, k, v):
             call.ran_reference(q, k, v, why=why)
             return ops.sparse_attention(q, k, v, keys, scale, pattern, c["window"], c["sinks"], c["block"],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from attncc.codegen.masks import and_masks, causal as causal_mask
+from attncc.codegen.masks import and_masks, causal as causal_mask, causal_offset
 
 from ..base import reference_op
 from .block_mask import loaded
@@ -21,8 +21,9 @@ def reference(q, k, v, key_padding, scale, pattern, window, sinks, block, window
         mask_mod = loaded(mask_fn)
         if causal:
             mask_mod = and_masks(causal_mask(), mask_mod)
+    offset = causal_offset(q.shape[-2], k.shape[-2]) if causal or pattern != "block" else 0
     return _sparse(q, k, v, scale=scale, pattern=pattern, window=window, sinks=sinks, block=block,
-                   window_blocks=window_blocks, mask_mod=mask_mod, key_padding=key_padding)
+                   window_blocks=window_blocks, mask_mod=mask_mod, key_padding=key_padding, q_offset=offset)
 
 
 @torch.library.custom_op("attncc::sparse_attention", mutates_args=())

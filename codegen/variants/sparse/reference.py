@@ -33,13 +33,14 @@ def sparse_attention(
     window_blocks: int = 0,
     mask_mod: MaskMod | None = None,
     key_padding: Tensor | None = None,
+    q_offset: int = 0,
 ) -> Tensor:
     """Masked softmax attention over the allowed set of ``pattern``.
 
     q [B, H, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] -> [B, H, Tq, Dv] in q's dtype.
     ``window``/``sinks`` configure ``sliding_window``; ``block``/``window_blocks`` configure
-    ``power``; ``mask_mod`` is required for ``block`` and rejected otherwise. Indices are top-left
-    aligned (query i, key j). ``key_padding`` is bool [B, Tk], True = real token.
+    ``power``; ``mask_mod`` is required for ``block`` and rejected otherwise. Query row i is position
+    ``q_offset + i`` (``masks.causal_offset``: causal queries end the key sequence), key j is j. ``key_padding`` is bool [B, Tk], True = real token.
     """
     if pattern not in PATTERNS:
         raise ValueError(f"unknown sparse pattern {pattern!r}; expected one of {list(PATTERNS)}")
@@ -52,11 +53,11 @@ def sparse_attention(
     Tk = k.shape[-2]
     q, k, v = prepare_qkv(q, k, v, key_padding)
     if pattern == "sliding_window":
-        allowed = dense_mask(sliding_window(window, sinks), None, None, Tq, Tk, q.device)
+        allowed = dense_mask(sliding_window(window, sinks), None, None, Tq, Tk, q.device, q_offset)
     elif pattern == "power":
-        allowed = dense_mask(power(block, window_blocks), None, None, Tq, Tk, q.device)
+        allowed = dense_mask(power(block, window_blocks), None, None, Tq, Tk, q.device, q_offset)
     else:
-        allowed = dense_mask(mask_mod, B, H, Tq, Tk, q.device)
+        allowed = dense_mask(mask_mod, B, H, Tq, Tk, q.device, q_offset)
     if key_padding is not None:
         allowed = allowed & dense_mask(padding(key_padding), B, None, Tq, Tk, q.device)
     return _masked_softmax_attention(q, k, v, scale, allowed).to(out_dtype)
