@@ -31,7 +31,7 @@ class Site:
     scale: float | None = None
     dropout: float | None = 0.0  # None: a probability known only at run time
     cross: bool = False
-    graph: int = 0
+    graph: int = 0  # which of the backend's graphs (0, 1, ...): prefill and decode steps are graphs of their own
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,13 +61,13 @@ class Report:
         )
 
     def table(self) -> str:
-        header = ["#", "kind", "module", "layer", "pattern", "H", "Hkv", "D", "causal", "mask", "variant", "status", "reason"]
+        header = ["#", "graph", "kind", "module", "layer", "pattern", "H", "Hkv", "D", "causal", "mask", "variant", "status", "reason"]
         rows = []
         for i, s in enumerate(self.sites):
             params = ",".join(f"{k}={v}" for k, v in s.params.items())
             variant = s.variant + (f"({params})" if params else "")
             rows.append([
-                str(i), s.kind, s.module or "-", "-" if s.layer is None else str(s.layer), s.pattern,
+                str(i), str(s.graph), s.kind, s.module or "-", "-" if s.layer is None else str(s.layer), s.pattern,
                 _opt(s.heads), _opt(s.kv_heads), _opt(s.head_dim), _opt(s.causal), s.mask,
                 variant, s.status, s.reason + (f" [kernel {s.kernel}]" if s.kernel else ""),
             ])

@@ -161,15 +161,6 @@ def causal_offset(tq: int, tk: int) -> int:
     return tk - tq
 
 
-def queries_at_end(q: Tensor, tk: int) -> Tensor:
-    """q [..., Tq, D] behind Tk - Tq zero queries: a causal form over Tq == Tk computes, in its last Tq
-    rows, exactly what queries ending a longer key sequence compute (rows are independent)."""
-    offset = causal_offset(q.shape[-2], tk)
-    if not offset:
-        return q
-    return torch.cat([q.new_zeros(*q.shape[:-2], offset, q.shape[-1]), q], dim=-2)
-
-
 def prepare_qkv(q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Check the shapes every reference accepts and return float32 q, k, v with H heads each.
 

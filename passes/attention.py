@@ -29,7 +29,7 @@ from attncc.fx import (ancestors, evaluate, layer_of, meta_value, orphaned, owni
 from attncc.report import Site
 
 from .context import Context, SiteState
-from .model import layer_count
+from .model import cache_window, layer_count, registered_model
 from .site import mask_node, new_node, scale_node, site_values
 from .sqa import rewrite_sqa
 
@@ -103,7 +103,7 @@ def _site_from_match(match: AttentionMatch) -> Site:
 
 
 def _projection_input(node: Any, depth: int = 24) -> fx.Node | None:
-    """The activation a q/k tensor was projected from (the input of its nearest linear)."""
+    """The activation a q/k tensor was projected from (the input of its nearest linear or addmm)."""
     if isinstance(node, TransposeOf):
         node = node.node
     seen = 0
@@ -115,6 +115,8 @@ def _projection_input(node: Any, depth: int = 24) -> fx.Node | None:
             continue
         if n.op == "call_function" and n.target is torch._C._nn.linear:
             return n.args[0]
+        if n.op == "call_function" and n.target is torch.addmm:  # GPT-2's Conv1D: addmm(bias, x, weight)
+            return n.args[1]
         todo.extend(n.all_input_nodes)
     return None
 
@@ -150,7 +152,12 @@ def classify_masks(ctx: Context) -> None:
         if match.is_causal and not (q_shape and k_shape and same_size(q_shape[-2], k_shape[-2])):
             state.site.status, state.site.reason = "unsupported", TOP_LEFT
             continue
-        kind = _classify(ctx, match, decoding=_decoding(match))
+        decoding = _decoding(match)
+        model = registered_model(ctx, ancestors([match.q])) if decoding else None
+        kind = _classify(ctx, match, decoding=model is not None)
+        window = cache_window(model, state.layer) if model is not None else None
+        if window is not None and kind.structure == "causal":  # the cache holds the window only
+            kind = MaskKind("sliding_window", window, padding=kind.padding, checked=kind.checked)
         if match.is_causal:
             kind = CAUSAL if kind in (NONE, CAUSAL) else OTHER
         state.mask = kind
@@ -167,7 +174,9 @@ TOP_LEFT = ("SDPA's is_causal with queries and keys of sizes that may differ ali
 def _decoding(match: AttentionMatch) -> bool:
     """A single query projected from the same activation as its keys: a decode step of self-attention
     (the keys are a cache plus the query's own token). Its query ends the key sequence, so a mask that
-    allows every key is causal there (masks.classify)."""
+    allows every key is causal there (masks.classify), when the model is registered: only the model
+    tells whether its cache keeps every token or a window (`model.cache_window`). In a model attncc
+    does not know, the step stays `none` (position-dependent variants refuse it)."""
     q_src, k_src = _projection_input(match.q), _projection_input(match.k)
     return match.q_len == 1 and q_src is not None and q_src is k_src
 

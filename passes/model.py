@@ -73,3 +73,20 @@ def layer_count(ctx: Context, module: str, near: fx.Node) -> int | None:
             continue
         return len(layers) if isinstance(layers, (nn.ModuleList, nn.Sequential)) else None
     return None
+
+
+def cache_window(model: nn.Module, layer: int | None) -> int | None:
+    """The number of tokens the model's KV cache keeps for `layer` when it keeps only a window (a
+    transformers config with `sliding_window`, per `layer_types` where the config lists them), else None.
+    A decode step of such a layer sees only the cached window: its query ends those keys, and never
+    attends further back."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        if layer is None or not 0 <= layer < len(types):
+            return window if all(t == "sliding_attention" for t in types) else None
+        return window if types[layer] == "sliding_attention" else None
+    return window

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncc.codegen.masks import prepare_qkv, queries_at_end
+from attncc.codegen.masks import causal_offset, prepare_qkv
 
 
 def _elu1(x: Tensor) -> Tensor:
@@ -116,17 +116,15 @@ def linear_attention(
             "decay is only defined for causal linear attention (§4.1 sums over s <= t); pass causal=True"
         )
     out_dtype = q.dtype
-    tq = q.shape[-2]
-    if causal:
-        q = queries_at_end(q, k.shape[-2])
     phi = _FEATURE_MAPS[feature_map]
     q, k, v = prepare_qkv(q, k, v, key_padding)
     q, k = phi(q), phi(k)
     if key_padding is not None:
         k = k * key_padding[:, None, :, None]
-    if causal:
+    if causal and q.shape[-2] != k.shape[-2]:
+        out = _causal_at_end(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps)
+    elif causal:
         out = _causal_chunked(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps, chunk)
-        out = out[:, :, out.shape[2] - tq:]
     else:
         out = _bidirectional(q, k, v, normalize, eps)
     return out.to(out_dtype)
@@ -157,6 +155,20 @@ def _bidirectional(q: Tensor, k: Tensor, v: Tensor, normalize: bool, eps: float)
         return num
     den = q @ k.sum(dim=-2).unsqueeze(-1)
     return num / (den + eps)
+
+
+def _causal_at_end(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, normalize: bool, eps: float) -> Tensor:
+    """Queries that end a longer key sequence (query i at position p_i = Tk - Tq + i), in the quadratic
+    form: O_i = Σ_{j<=p_i} λ^{p_i-j} (φ(q_i)·φ(k_j)) v_j, normalized by the same sum without v_j.
+    O(Tq·Tk·D): a decode step reads each key once, instead of a chunked pass over all Tk positions."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    lag = torch.arange(causal_offset(tq, tk), tk, device=q.device).view(-1, 1) - torch.arange(tk, device=q.device)
+    s = rates.view(1, -1, 1, 1)
+    scores = (q @ k.mT) * torch.where(lag >= 0, torch.exp(-s * lag.clamp(min=0)), 0.0)
+    num = scores @ v
+    if not normalize:
+        return num
+    return num / (scores.sum(dim=-1, keepdim=True) + eps)
 
 
 def _causal_chunked(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attncc.codegen.masks import prepare_qkv, queries_at_end
+from attncc.codegen.masks import causal_offset, prepare_qkv
 
 
 def mala_attention(
@@ -45,9 +45,6 @@ def mala_attention(
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     out_dtype = q.dtype
-    tq = q.shape[-2]
-    if causal:
-        q = queries_at_end(q, k.shape[-2])
     s = q.shape[-1] ** -0.5 if sim_scale is None else sim_scale
     q, k, v = prepare_qkv(q, k, v, key_padding)
     q, k = F.elu(q) + 1, F.elu(k) + 1
@@ -55,7 +52,9 @@ def mala_attention(
     if key_padding is not None:
         valid = key_padding[:, None, :, None].float()
     k, v_valid = k * valid, v * valid
-    if causal:
+    if causal and q.shape[-2] != k.shape[-2]:
+        qkv, qk, v_sum, count = _causal_sums_at_end(q, k, v, v_valid, valid)
+    elif causal:
         qkv, qk, v_sum, count = _causal_sums(q, k, v, v_valid, valid, chunk)
     else:
         qkv = q @ (k.mT @ v)
@@ -67,8 +66,17 @@ def mala_attention(
     z = c * qk
     beta = 1 + 1 / (z + eps)
     gamma = z / count
-    out = beta * c * qkv - gamma * v_sum
-    return out[:, :, out.shape[2] - tq:].to(out_dtype)
+    return (beta * c * qkv - gamma * v_sum).to(out_dtype)
+
+
+def _causal_sums_at_end(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor):
+    """`_causal_sums` for queries that end a longer key sequence (query i at position Tk - Tq + i), in
+    the quadratic form: O(Tq·Tk·D), so a decode step reads each key once."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    allowed = (torch.arange(tk, device=q.device) <= torch.arange(causal_offset(tq, tk), tk, device=q.device)
+               .view(-1, 1)).float()
+    scores = (q @ k.mT) * allowed
+    return scores @ v, scores.sum(dim=-1, keepdim=True), allowed @ v_valid, allowed @ valid
 
 
 def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor, chunk: int):

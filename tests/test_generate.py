@@ -1,0 +1,278 @@
+"""Generation: a decode step (queries at the end of a cached key sequence) computes what the same
+positions compute in the whole sequence, for every variant; `attncc.compile(model, policy).generate`
+reaches attncc.
+
+The oracle of each generate test is a no-cache greedy loop that calls the same compiled variant on the
+whole sequence (with the position ids generate uses for left padding: feature maps such as elu1 are
+not invariant to a shift of RoPE positions, so both must see the same positions).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attncc
+from attncc.codegen.masks import dense_mask, sliding_window
+from attncc.codegen.runtime_mask import check
+from attncc.codegen.variants.linear.reference import constant_decay_rates, lightning_decay_rates, linear_attention
+from attncc.codegen.variants.mala.reference import mala_attention
+from attncc.codegen.variants.softmax.reference import softmax_attention
+from attncc.codegen.variants.softplus.reference import softplus_attention
+from attncc.codegen.variants.sparse.reference import sparse_attention
+from attncc.patterns.masks import classify
+
+VOCAB, NEW = 64, 5
+
+VARIANTS = {
+    "softmax": "softmax",
+    "linear": {"variant": "linear"},
+    "lightning": {"variant": "linear", "decay": "lightning", "feature_map": "identity", "normalize": False},
+    "decay_0.9": {"variant": "linear", "decay": 0.9},
+    "mala": {"variant": "mala"},
+    "lssa": {"variant": "softplus", "reweight_p": 0},
+    "lssar": {"variant": "softplus"},
+    "window": {"variant": "sparse", "pattern": "sliding_window", "window": 4, "sinks": 1},
+    "power": {"variant": "sparse", "pattern": "power", "block": 2, "window_blocks": 1},
+    "sqa": {"variant": "sqa"},
+}
+
+
+# --- the math: queries that end a longer key sequence ------------------------------------------------
+
+def _qkv(tq_full=9, heads=4, kv_heads=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, tq_full, d, generator=g)
+    k, v = (torch.randn(2, kv_heads, tq_full, d, generator=g) for _ in range(2))
+    keys = torch.ones(2, tq_full, dtype=torch.bool)
+    keys[1, :3] = False  # left padding
+    return q, k, v, keys
+
+
+REFERENCES = {
+    "softmax": lambda q, k, v, keys: softmax_attention(q, k, v, scale=0.3, causal=True,
+                                                        mask=keys[:, None, None, :]),
+    "linear_elu1": lambda q, k, v, keys: linear_attention(q, k, v, causal=True, key_padding=keys),
+    "linear_lightning": lambda q, k, v, keys: linear_attention(
+        q, k, v, causal=True, feature_map="identity", normalize=False, decay=lightning_decay_rates(4, 1, 3),
+        key_padding=keys),
+    "linear_decay": lambda q, k, v, keys: linear_attention(q, k, v, causal=True, decay=constant_decay_rates(4, 0.8),
+                                                           key_padding=keys, chunk=4),
+    "mala": lambda q, k, v, keys: mala_attention(q, k, v, causal=True, key_padding=keys, chunk=4),
+    "lssa": lambda q, k, v, keys: softplus_attention(q, k, v, causal=True, reweight_p=0.0, key_padding=keys),
+    "lssar": lambda q, k, v, keys: softplus_attention(q, k, v, causal=True, reweight_p=15.0, key_padding=keys),
+    "window": lambda q, k, v, keys: sparse_attention(q, k, v, scale=0.3, pattern="sliding_window", window=3,
+                                                     sinks=1, key_padding=keys, q_offset=k.shape[-2] - q.shape[-2]),
+}
+
+
+@pytest.mark.parametrize("tq", [1, 3])
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_queries_at_the_end_compute_the_last_rows_of_the_whole_sequence(name, tq):
+    """Every causal reference, given only the last Tq queries, returns the last Tq rows of the whole
+    sequence's output, and the same gradients for k and v (those rows' share)."""
+    q, k, v, keys = _qkv()
+    fn = REFERENCES[name]
+    k1, v1 = k.clone().requires_grad_(), v.clone().requires_grad_()
+    full = fn(q, k1, v1, keys)[:, :, -tq:]
+    k2, v2 = k.clone().requires_grad_(), v.clone().requires_grad_()
+    tail = fn(q[:, :, -tq:], k2, v2, keys)
+    torch.testing.assert_close(tail, full, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(full)
+    torch.testing.assert_close(torch.autograd.grad(tail, (k2, v2), grad), torch.autograd.grad(full, (k1, v1), grad),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_causal_reference_refuses_more_queries_than_keys():
+    q, k, v, _ = _qkv()
+    with pytest.raises(ValueError, match="at most as many queries as keys"):
+        linear_attention(q, k[:, :, :4], v[:, :, :4], causal=True)
+
+
+# --- classification ----------------------------------------------------------------------------------
+
+def _br_causal(tq, tk):
+    return dense_mask(sliding_window(tk + 1), None, None, tq, tk, q_offset=tk - tq)[0, 0]
+
+
+def test_classify_places_causal_queries_at_the_end_of_the_keys():
+    assert str(classify(_br_causal(3, 8))) == "causal"
+    keys = torch.ones(2, 8, dtype=torch.bool)
+    keys[0, :2] = False
+    assert str(classify((_br_causal(3, 8)[None] & keys[:, None, :])[:, None])) == "causal+padding"
+    window = dense_mask(sliding_window(4), None, None, 2, 9, q_offset=7)
+    assert str(classify(window)).startswith("sliding_window(4)")  # keys no query attends read as padding
+    top_left = torch.ones(3, 8, dtype=torch.bool).tril()
+    assert str(classify(top_left)) == "other"
+
+
+def test_one_query_over_every_key_is_causal_only_for_a_decode_step():
+    """One query seeing every key is both none and causal: a self-attention decode step prefers causal
+    (position-dependent variants then see its position); anything else stays none."""
+    everything = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    assert str(classify(everything)) == "none"
+    assert str(classify(everything, decoding=True)) == "causal"
+    padded = everything.clone()
+    padded[0, ..., :2] = False
+    assert str(classify(padded, decoding=True)) == "causal+padding"
+
+
+def test_a_static_cache_layout_is_not_causal():
+    """A static cache masks its unused slots after the query: the query does not end the keys, so the
+    mask is none + padding (position-independent variants serve it; position-dependent ones refuse)."""
+    static = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    static[..., :5] = True
+    assert str(classify(static, decoding=True)) == "padding"
+    _, problem = check(static, "causal", 0, 1)
+    assert problem and "do not end" in problem
+    dynamic = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    assert check(dynamic, "causal", 0, 1)[1] is None
+
+
+def test_a_one_row_mask_is_checked_for_every_query():
+    """A mask with one row is shared by every query: for 3 queries it is not causal."""
+    row = torch.ones(1, 1, 1, 6, dtype=torch.bool)
+    assert check(row, "causal", 0, 1)[1] is None
+    assert check(row, "causal", 0, 3)[1] is not None
+
+
+class TopLeftCausal(nn.Module):
+    """SDPA's is_causal with fewer queries than keys: aligned at the start, unlike a decode step."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = nn.Linear(16, 16), nn.Linear(16, 32)
+
+    def forward(self, x, memory):
+        q = self.q(x).view(1, -1, 2, 8).transpose(1, 2)
+        k, v = self.kv(memory).view(1, -1, 2, 16).transpose(1, 2).chunk(2, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_sdpa_is_causal_with_fewer_queries_than_keys_is_left_unchanged():
+    model = TopLeftCausal()
+    x, memory = torch.randn(1, 3, 16), torch.randn(1, 7, 16)
+    be = attncc.backend({"attention": {"default": {"variant": "linear", "decay": 0.9}}}, inner="aot_eager")
+    torch.testing.assert_close(torch.compile(model, backend=be)(x, memory), model(x, memory))
+    (site,) = be.report.attention()
+    assert site.status == "unsupported" and "aligns the queries at the start" in site.reason, be.report
+
+
+# --- generate ----------------------------------------------------------------------------------------
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        attn_implementation="sdpa", pad_token_id=0))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_implementation="sdpa",
+                                      pad_token_id=0))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=64, sliding_window=4,
+                                            attn_implementation="sdpa", pad_token_id=0))
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2, "mistral": _mistral}
+
+
+def _prompts():
+    ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    return ids, mask
+
+
+def _no_cache_loop(compiled, ids, mask):
+    """Greedy tokens and last-position logits, each step over the whole sequence without a cache."""
+    logits = []
+    for _ in range(NEW):
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate computes them
+        last = compiled(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
+        logits.append(last)
+        token = last.argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, token], 1), torch.cat([mask, torch.ones_like(token)], 1)
+    return ids, logits
+
+
+def _generate_matches_the_no_cache_loop(model_name: str, variant: str, status: str = "rewritten"):
+    torch.manual_seed(0)
+    model = MODELS[model_name]().eval()
+    ids, mask = _prompts()
+    be = attncc.backend({"attention": {"default": VARIANTS[variant]}}, inner="aot_eager")
+    compiled = attncc.compile(model, be)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compiled.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+        sites = be.report.attention()
+        tokens, logits = _no_cache_loop(compiled, ids, mask)
+    assert out.sequences.tolist() == tokens.tolist()
+    for step, (got, want) in enumerate(zip(out.logits, logits)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+    assert sites and all(s.status == status for s in sites), be.report
+    return model, be, ids, mask, out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_llama_generate_matches_the_no_cache_loop(variant):
+    """Prefill, the first decode step and the decode steps with a symbolic cache length: every graph's
+    sites are rewritten (the report lists them as causal), and the tokens and logits are the no-cache
+    loop's, with left padding."""
+    _, be, *_ = _generate_matches_the_no_cache_loop("llama", variant)
+    assert be.report.graphs >= 3 and len({s.graph for s in be.report.attention()}) >= 3, be.report
+    assert {s.mask for s in be.report.attention()} == {"causal+padding"}, be.report
+
+
+@pytest.mark.parametrize("variant", ["softmax", "lightning", "lssar", "window"])
+def test_gpt2_generate_matches_the_no_cache_loop(variant):
+    _generate_matches_the_no_cache_loop("gpt2", variant)
+
+
+@pytest.mark.parametrize("variant,status", [("softmax", "rewritten"), ("linear", "unsupported"),
+                                            ("window", "unsupported")])
+def test_mistral_sliding_window_generate_matches_the_no_cache_loop(variant, status):
+    """Mistral's window (4): its cache keeps the window only, which the registered model's config says,
+    so decode steps are sliding_window(4) like the prefill's mask; variants that cannot serve a window
+    (linear; sparse, which does not narrow a model's own window) are refused in every graph alike."""
+    _, be, *_ = _generate_matches_the_no_cache_loop("mistral", variant, status)
+    assert {s.mask for s in be.report.attention()} == {"sliding_window(4)+padding"}, be.report
+
+
+def test_softmax_generate_equals_eager_generate():
+    model, be, ids, mask, out = _generate_matches_the_no_cache_loop("llama", "softmax")
+    with torch.no_grad():
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    assert out.sequences.tolist() == eager.tolist()
+    assert "forward" not in model.__dict__  # generate put the model's own forward back
+
+
+def test_static_cache_decode_refuses_position_dependent_variants():
+    """A static cache puts the query before unused slots: the decode graph's mask is none + padding, so
+    Lightning decay (causal only) is refused there and reported; the softmax it keeps decodes eager's tokens."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids, mask = _prompts()
+    be = attncc.backend({"attention": {"default": VARIANTS["lightning"]}}, inner="aot_eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        attncc.compile(model, be).generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                           cache_implementation="static")
+    refused = [s for s in be.report.attention() if s.status == "unsupported"]
+    assert refused and all("causal-only" in s.reason for s in refused), be.report
