@@ -11,6 +11,7 @@ it) creates them, and the backend reads them from the graph's inputs.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -479,12 +480,19 @@ def test_a_stream_split_by_a_graph_break_is_left_alone():
     assert attncc.parameters(model) == []
 
 
-def test_generate_through_attncc_compile_warns_that_it_bypasses_attncc():
+def test_generate_through_attncc_compile_prepares_and_rewrites_every_graph():
+    """attncc.compile(...).generate prepares the AttnRes parameters from generate's inputs and compiles
+    the forward that generate calls: prefill and decode graphs both rewrite the residual stream."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
-    compiled = attncc.compile(model, {"attention": "linear"})
-    with pytest.warns(UserWarning, match="runs the model's own generate.*not supported yet"):
-        compiled.generate
+    be = attncc.backend({"attention": "softmax", "residual": "attnres"}, inner="aot_eager")
+    ids = torch.randint(0, 64, (1, 6))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = attncc.compile(model, be).generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 9) and attncc.parameters(model)
+    residual = _residual(be.report)
+    assert len({s.graph for s in residual}) >= 2 and all(s.status == "rewritten" for s in residual), be.report

@@ -73,13 +73,13 @@ def test_report_table(gpt2_report):
     _, report = gpt2_report
     lines = str(report).splitlines()
     header = lines[0].split()
-    for column in ("kind", "module", "layer", "pattern", "H", "Hkv", "D", "causal", "mask", "variant", "status"):
+    for column in ("graph", "kind", "module", "layer", "pattern", "H", "Hkv", "D", "causal", "mask", "variant", "status"):
         assert column in header
     rows = lines[1:-1]
     assert len(rows) == len(report.sites)
     for i, (row, site) in enumerate(zip(rows, report.sites)):
         cells = row.split()
-        assert cells[:3] == [str(i), site.kind, site.module]
+        assert cells[:4] == [str(i), str(site.graph), site.kind, site.module]
         assert site.status in cells
     assert "h.0.attn" in rows[0] and "kept" in rows[0] and "policy: keep" in rows[0]
     assert "h.1.attn" in rows[1] and "rewritten" in rows[1] and "linear(feature_map=relu" in rows[1]
@@ -191,7 +191,7 @@ def test_cli_explain_table(build_file, policy_file, capsys):
     assert main(["explain", str(build_file), "--policy", str(policy_file)]) == 0
     out = capsys.readouterr().out
     lines = out.strip().splitlines()
-    assert lines[0].split()[:3] == ["#", "kind", "module"]
+    assert lines[0].split()[:4] == ["#", "graph", "kind", "module"]
     for i in range(3):
         assert any(f"blocks.{i}" in line for line in lines[1:-1])
     assert "2 rewritten" in lines[-1] and "graph(s)" in lines[-1]
