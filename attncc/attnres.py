@@ -24,7 +24,6 @@ that says to call attncc.prepare or attncc.compile.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
