@@ -286,3 +286,19 @@ def test_gpu_generate_with_kernels_matches_the_no_cache_loop(variant):
     ran = {s.kernel or "" for s in be.report.attention()}
     assert any(k.startswith(("flash_", "linear_chunked")) for k in ran), be.report
     assert any(k.startswith("reference (the causal queries end") for k in ran), be.report
+
+
+def test_a_sliding_window_decode_step_reads_only_the_window_and_the_sinks():
+    """The sparse reference of a decode step gets the sinks and the last window keys of a long cache,
+    and computes what the whole cache gives."""
+    from attncc.codegen.variants.sparse import window_keys
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, t, 8, generator=g) for h, t in ((4, 2), (2, 50), (2, 50)))
+    keys = torch.ones(2, 50, dtype=torch.bool)
+    keys[1, :2] = False
+    k2, v2, keys2 = window_keys(q, k, v, keys, 4, 3)
+    assert k2.shape[-2] == v2.shape[-2] == keys2.shape[-1] == 3 + 2 + 4 - 1
+    run = lambda k, v, keys: sparse_attention(q, k, v, scale=0.3, pattern="sliding_window", window=4, sinks=3,  # noqa: E731
+                                              key_padding=keys, q_offset=k.shape[-2] - 2)
+    torch.testing.assert_close(run(k2, v2, keys2), run(k, v, keys))

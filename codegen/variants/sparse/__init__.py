@@ -79,6 +79,8 @@ class SparseVariant(Variant):
         why = why or call.queries_end_keys(q, k)
         if why or not call.use_kernels(q, k, v):
             call.ran_reference(q, k, v, why=why)
+            if pattern == "sliding_window" and q.shape[-2] != k.shape[-2]:
+                k, v, keys = window_keys(q, k, v, keys, c["window"], c["sinks"])
             return ops.sparse_attention(q, k, v, keys, scale, pattern, c["window"], c["sinks"], c["block"],
                                         c["window_blocks"], c["mask_fn"], c["causal"])
         pattern_constants = dict(window=c["window"], sinks=c["sinks"], block=c["block"],
@@ -86,6 +88,21 @@ class SparseVariant(Variant):
         call.ran(flash_ops.flash_spec(q, k, causal=True, pattern=pattern, padded=keys is not None,
                                       **pattern_constants).name)
         return flash_ops.flash(q, k, v, keys, scale=scale, causal=True, pattern=pattern, **pattern_constants)
+
+
+def window_keys(q, k, v, keys, window: int, sinks: int):
+    """(k, v, key padding) cut to what a sliding window with sinks lets queries that end the keys reach:
+    the sinks and the last Tq + window - 1 keys. A decode step then reads O(window) keys, not the cache.
+
+    Exact: with the first `start - sinks` non-sink keys dropped, every kept key and every query move
+    back by the same amount (the offset Tk - Tq shrinks with Tk), so distances, causality and which
+    keys are sinks are unchanged."""
+    tq, tk = q.shape[-2], k.shape[-2]
+    start = torch.sym_max(sinks, tk - tq - window + 1)
+    cut = lambda x: torch.cat([x[..., :sinks, :], x[..., start:, :]], dim=-2)  # noqa: E731
+    if keys is not None:
+        keys = torch.cat([keys[:, :sinks], keys[:, start:]], dim=-1)
+    return cut(k), cut(v), keys
 
 
 VARIANT = SparseVariant()
