@@ -11,10 +11,12 @@ from attncc.explain import explain
 from attncc.policy import Policy, dump_policy, load_policy
 from attncc.report import Report, Site
 from attncc.attnres import compile, parameters, prepare
+from attncc.convert import Conversion, convert, load_converted, save_converted
 
 __all__ = [
     "AttnccError",
     "Backend",
+    "Conversion",
     "MaskMismatch",
     "Policy",
     "PolicyError",
@@ -23,10 +25,13 @@ __all__ = [
     "VerificationError",
     "backend",
     "compile",
+    "convert",
     "dump_policy",
     "explain",
     "last_report",
+    "load_converted",
     "load_policy",
     "parameters",
     "prepare",
+    "save_converted",
 ]

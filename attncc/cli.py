@@ -2,6 +2,7 @@
 
     attncc demo [--model minilm|gpt2] [--policy P] [--inner inductor|aot_eager|eager] [--json]
     attncc explain path/to/file.py:build --policy p.yaml [--json]
+    attncc convert path/to/file.py:build --policy p.yaml --steps N --out DIR
 """
 
 from __future__ import annotations
@@ -42,11 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--mask-module", action="append", default=[], metavar="MODULE",
                          help="a module the policy's block masks may be imported from (repeatable; none by default)")
 
+    convert = sub.add_parser(
+        "convert", help="convert a model with a policy and train it back to the original's function",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=CONVERT_STEPS)
+    convert.add_argument("target", help="path/to/file.py:build, where build() returns (model, batches): batches a "
+                                        "list of keyword-input dicts (input_ids, attention_mask, ...)")
+    convert.add_argument("--policy", required=True)
+    convert.add_argument("--steps", type=int, default=100, help="attention-transfer steps (default 100)")
+    convert.add_argument("--lr", type=float, default=1e-3)
+    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--inner", default="aot_eager", choices=("inductor", "aot_eager", "eager"))
+    convert.add_argument("--out", required=True, help="directory for model.safetensors, policy.yaml, report.md")
+
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         if args.command == "demo":
             return run_demo(args.model, args.policy or shipped_policy(DEMO_POLICY), args.inner, args.json)
+        if args.command == "convert":
+            return run_convert(args)
         return run_explain(args.target, args.policy, args.json, tuple(args.mask_module))
     except Exception as err:  # the CLI prints the error, not a traceback
         inner = getattr(err, "inner_exception", None)  # dynamo wraps backend errors in BackendCompilerFailed
@@ -83,6 +99,42 @@ def _unpack_build(target: str, built: Any) -> tuple[Any, Any, dict | None]:
         raise ValueError(f"{target}: {name}() returned {got}; {name}() must return (model, example_args) or "
                          "(model, example_args, example_kwargs) with example_kwargs a dict")
     return built[0], built[1], kwargs
+
+
+CONVERT_STEPS = """Convert a model's attention with a policy, then transfer the original's function back.
+
+Steps (attncc.convert; the held-out batch is build()'s first batch, the rest train):
+  1. teacher: a frozen copy of the original model, run eagerly
+  2. student: the model compiled with the policy; trained are the parameters of the rewritten
+     attention modules (their projections feed the new variant) and those the policy adds
+     (AttnRes queries); everything else is frozen
+  3. attention transfer: --steps AdamW steps (--lr, --seed) on the relative error of every
+     layer's hidden state against the teacher's, at real tokens, averaged over layers
+  4. measure: the per-layer error on the held-out batch, before and after (printed, report.md)
+  5. save: --out/model.safetensors and --out/policy.yaml (attncc.load_converted reads them back)
+"""
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    built = load_build(args.target)()
+    if not isinstance(built, (tuple, list)) or len(built) != 2 or not isinstance(built[1], (list, tuple)):
+        raise ValueError(f"{args.target}: build() must return (model, batches), batches a list of input dicts")
+    model, batches = built
+    if len(batches) < 2:
+        raise ValueError(f"{args.target}: build() returned {len(batches)} batch(es); convert needs two or more "
+                         "(the first is held out to measure)")
+    policy = attncc.load_policy(args.policy)
+    result = attncc.convert(model, policy, batches[1:], held_out=batches[0], steps=args.steps, lr=args.lr,
+                            seed=args.seed, inner=args.inner)
+    out = attncc.save_converted(model, policy, args.out)
+    report = (f"# attncc convert: {args.target}, policy {policy.name}\n\n{args.steps} transfer steps in "
+              f"{result.seconds:.1f} s; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
+              f"{len(result.trained)} parameter tensors trained.\n\nRelative error of each layer's hidden state "
+              f"against the original, held-out batch:\n\n{result.table()}\n")
+    (out / "report.md").write_text(report)
+    print(report)
+    print(f"saved to {out}/ (model.safetensors, policy.yaml, report.md)")
+    return 0
 
 
 def run_explain(target: str, policy: str, as_json: bool, mask_modules: tuple[str, ...] = ()) -> int:

@@ -21,3 +21,10 @@ def llama():
     cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128)
     return LlamaForCausalLM(cfg).eval(), (torch.randint(0, 256, (2, 32)),), {"use_cache": False}
+
+
+def llama_batches():
+    """For `attncc convert`: the Llama above and four batches of inputs (the first is held out)."""
+    model, (ids,), _ = llama()
+    g = torch.Generator().manual_seed(1)
+    return model, [{"input_ids": torch.randint(0, 256, (2, 32), generator=g)} for _ in range(4)]
