@@ -125,7 +125,7 @@ def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int
     before = quality(original, embed(torch.compile(model, backend=be), evaluation))
     torch._dynamo.reset()
     start = time.perf_counter()
-    result = attncc.convert(model, policy, train, held_out=train[0], steps=steps, seed=seed, progress=progress,
+    result = attncc.convert(model, policy, train, held_out=evaluation, steps=steps, seed=seed, progress=progress,
                             mask_modules=MASK_MODULES)
     seconds = time.perf_counter() - start
     torch._dynamo.reset()
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     text = (f"all-MiniLM-L6-v2 (pretrained), attention converted by attncc, {args.steps} transfer steps on the CPU; "
             "48 held-out standard-library docstring sentences; cosine = mean cosine of each converted embedding "
             "to the original's, spearman = rank agreement of all pairwise similarities; layer error = mean "
-            "relative error of the hidden states (training held-out batch).\n\n" + table(rows) + "\n")
+            "relative error of the layers' outputs on the same held-out sentences.\n\n" + table(rows) + "\n")
     print(text)
     if args.report:
         Path(args.report).write_text(text)
