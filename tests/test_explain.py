@@ -242,3 +242,15 @@ def test_cli_demo_gpt2(capsys):
     assert line.startswith("compiled (eager, first call")
     rel = float(line.rsplit("relative", 1)[1])
     assert rel < 1e-4
+
+
+def test_cli_demo_converts_minilm(capsys):
+    """The default demo: the pretrained MiniLM converted with the shipped convert.yaml, a few transfer
+    steps, then its sites, the embeddings' quality against the original, and the time per batch."""
+    assert main(["demo", "--steps", "2", "--inner", "aot_eager"]) == 0
+    out = capsys.readouterr().out
+    assert "model: minilm (BertModel" in out and "policy: convert-linear" in out
+    assert "5 rewritten" in out and "attention transfer: 2 steps" in out
+    after = [line for line in out.splitlines() if line.strip().startswith("after transfer:")]
+    assert after and 0 < float(after[0].split("cosine ")[1].split(",")[0]) <= 1
+    assert "time per batch of 48 sentences" in out
