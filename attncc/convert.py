@@ -70,8 +70,8 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
     """Attention transfer (the module docstring's steps 1-4). `batches` yields keyword inputs of the
     model (input_ids, attention_mask, ...), cycled until `steps`; `held_out` (default: the first batch)
     measures the per-layer error before and after. The model is changed in place: it is the student.
-    `mask_modules`: the modules a policy's block masks may be imported from (as for attncc.backend)."""
-
+    `mask_modules`: the modules a policy's block masks may be imported from (as for attncc.backend).
+    Afterwards the model's parameters want gradients as they did before (the freezing is for the transfer)."""
     torch.manual_seed(seed)
     batches = list(batches)
     if not batches:
@@ -85,6 +85,7 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
         raise AttnccError("attncc.convert: the policy rewrites no attention site and no residual stream of this "
                           f"model, so there is nothing to transfer:\n{report}")
     prepare(model, policy, (), dict(held_out))
+    wanted = [(p, p.requires_grad) for p in model.parameters()]
     trained = _train_only(model, modules)
     layers = _layer_list([s.module for s in report.attention()])
     student = LayerOutputs(attncc_compile(model, Backend(policy, inner=inner, mask_modules=mask_modules)),
@@ -94,6 +95,8 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
         return _transfer(model, student, teacher, batches, held_out, trained, steps, lr, progress)
     finally:
         student.remove()
+        for p, flag in wanted:
+            p.requires_grad_(flag)
 
 
 def _transfer(model, student, teacher, batches, held_out, trained, steps, lr, progress) -> Conversion:

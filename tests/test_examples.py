@@ -70,3 +70,17 @@ def test_convert_cli_saves_a_model_that_loads_back(tmp_path, capsys):
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     assert not torch.equal(state["model.layers.0.self_attn.q_proj.weight"],
                            trained.state_dict()["model.layers.0.self_attn.q_proj.weight"])  # it trained
+
+
+def test_convert_trains_only_the_rewritten_attention_and_restores_requires_grad():
+    import torch
+
+    model, batches = _load("tiny_models").llama_batches()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    policy = {"attention": {"default": {"variant": "linear"}, "rules": [{"where": {"layers": "0"}, "use": "keep"}]}}
+    result = attncc.convert(model, policy, batches[1:], held_out=batches[0], steps=2, progress=False)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed == set(result.trained)
+    assert all(n.startswith(("model.layers.1.", "model.layers.2.", "model.layers.3.")) and ".self_attn." in n
+               for n in changed)
+    assert all(p.requires_grad for p in model.parameters())
