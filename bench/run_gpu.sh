@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
-#   bench/run_gpu.sh tests|soundness|compat|flash|linear|model|model_linear|model_mask|all
+#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|model|model_linear|model_softplus|model_mask|all
 # attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
 # checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
@@ -32,6 +32,16 @@ if [ "$what" = linear ]; then  # the linear/MALA kernels: GPU tests, then agains
     fi
     python -m pytest -q -m gpu "$REPO/tests/test_linear_kernel.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_linear.log" | tail -8 || status=1
     python "$REPO/bench/bench_linear.py" --sizes ${SIZES:-2048 8192 32768} 2>&1 | tee "$OUT/bench_linear.log" | tail -16
+fi
+if [ "$what" = softplus_attnres ]; then  # the softplus and AttnRes kernels (fla's fused_attnres from .whl/)
+    if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl >>"$OUT/install.log" 2>&1
+        export PYTHONPATH=/tmp/site
+    fi
+    python "$REPO/bench/bench_softplus_attnres.py" --sizes ${SIZES:-8192 32768} 2>&1 | tee "$OUT/bench_softplus_attnres.log" | tail -16
+fi
+if [ "$what" = model_softplus ]; then
+    python "$REPO/bench/bench_model.py" --policy softplus --sizes ${SIZES:-8192 32768} 2>&1 | tee "$OUT/bench_model_softplus.log" | tail -12
 fi
 if [ "$what" = model_linear ]; then
     python "$REPO/bench/bench_model.py" --policy linear --sizes 8192 32768 2>&1 | tee "$OUT/bench_model_linear.log" | tail -12

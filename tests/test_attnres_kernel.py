@@ -121,10 +121,26 @@ def test_aggregate_chooses_and_records():
         aggregate(sources, w, weight, kernels="cuda")
 
 
-def test_blocks_cover_any_width():
-    for S, N, d in [(2, 1, 16), (9, 8192, 2048), (33, 5, 40), (65, 100, 4096)]:
-        SP, BN, BD = fused.blocks(S, N, d)
-        assert SP >= S and SP * BN * BD <= max(fused.TILE, SP * 16) and BD <= fused.MAX_BLOCK_D
+@pytest.mark.parametrize("S,d,lead,bl", [(3, 40, (2, 7), 1), (9, 64, (13,), 4), (5, 40, (37,), 8)])
+def test_configs_and_looping_programs(S, d, lead, bl, monkeypatch):
+    """Other steps over the sources (BL = 1, 4, 8, through ATTNCC_ATTNRES_CONFIG) with a backward whose
+    programs loop over several tokens (PROGRAMS = 2), against the reference."""
+    monkeypatch.setenv("ATTNCC_ATTNRES_CONFIG", f"[{bl}, 2]")
+    monkeypatch.setattr(fused, "PROGRAMS", 2)
+    assert fused.config(S, d, backward=True) == (bl, 2)
+    *sources, w, weight = tensors = _inputs(S, d, lead, "random")
+    out = torch.ops.attncc.attnres_fused(sources, w, weight, EPS)[0]
+    want = attnres(sources, w, weight, EPS)
+    _check(out, want, "o")
+    grad = torch.randn_like(want)
+    for i, (a, b) in enumerate(zip(torch.autograd.grad(out, tensors, grad), torch.autograd.grad(want, tensors, grad))):
+        _check(a, b, f"grad {i}")
+
+
+def test_rows_wider_than_the_kernel_are_refused():
+    sources = [torch.zeros(2, fused.MAX_D + 1)] * 2
+    why = ops.supports(sources, torch.zeros(fused.MAX_D + 1), torch.zeros(fused.MAX_D + 1))
+    assert why and "wider" in why
 
 
 # --- the rewritten stream ----------------------------------------------------------------------------

@@ -13,26 +13,32 @@ and ∂ℓ_i/∂v_i = r_i c + (c · v_i) ∂r_i/∂v_i with ∂r_i/∂v_i = -r_i
 
 (checked against autograd of reference.attnres in tests/test_attnres_kernel.py).
 
-Layout: the sources are stacked into one contiguous [S, N, d] tensor (N = tokens, every leading dim
-flattened), which costs one copy of the sources (the backward stacks them again rather than keeping
-the stacked copy alive: Full AttnRes would otherwise hold a copy of every source per aggregation).
-Triton has no arrays of pointers: a list would need either one kernel argument per source (a signature
-per S, and S grows to 2L + 1 in Full AttnRes) or a device table of addresses built on every call (a
-host-to-device copy, which CUDA graphs cannot capture). The backward writes dv stacked too; the op
-hands back views of it (`unbind`), so that direction costs nothing extra.
+Layout: the sources are passed as they are, a tuple of S contiguous [N, d] tensors (N = tokens,
+every leading dim flattened; Triton takes a tuple argument as one pointer per element), so no copy of
+the sources is ever made. A program picks the BL sources of one step out of the tuple with a select
+over its S pointers, so the loops over sources are ordinary loops (not unrolled: S reaches 2L + 1 in
+Full AttnRes). The backward writes dv stacked, [S, N, d]; the op hands back views of it (`unbind`).
 
-Kernels, specialized on S (tl.constexpr; SP = next power of two, sources past S masked), the block of
-d (BD) and the block of tokens (BN); every program owns BN tokens and loads [SP, BN, BD] tiles:
+One token's whole row (d <= MAX_D) is one block of registers:
 
-    _attnres_fwd  grid (N / BN): sweep 1 over d: Σ v_i², Σ v_i c -> r, ℓ, p (softmax over SP in
-                  registers); stores r, p ([S, N] fp32, what the backward needs); sweep 2 writes o
-    _attnres_bwd  grid (N / BN): sweep 1: dp_i = do·v_i and c·v_i (ℓ = r (c·v)); dℓ; sweep 2 writes
-                  dv_i and this program's partial u ([programs, d] fp32, summed in PyTorch)
+    _attnres_fwd  grid (N): over the sources, BL at a time, each read once: Σ v_i², Σ v_i c -> r_i, ℓ_i,
+                  and an online softmax over depth accumulates o = Σ p_i v_i (the flash-attention
+                  update, over sources instead of keys). Stores o, r [S, N] and ℓ into p's buffer, then
+                  rewrites it as p_i = exp(ℓ_i - lse) ([S, N] fp32: what the backward needs).
+    _attnres_bwd  grid (P <= PROGRAMS, each looping over tokens): sweep 1 reads the sources for
+                  Σ_j p_j dp_j (dp_j = do·v_j); sweep 2 reads them again (from L2: one token's sources)
+                  for dℓ_i, dv_i and u, accumulated in registers; each program writes its own row of a
+                  [P, d] fp32 buffer, summed in PyTorch.
 
-fp32 math inside; o and dv in the sources' dtype, dw and dg in the query's and the weight's.
+fp32 math inside; o and dv in the sources' dtype, dw and dg in the query's and the weight's. The
+launch configuration (BL, warps) is `config`'s; ATTNCC_ATTNRES_CONFIG='[BL, warps]' overrides it (the
+benchmark's sweep).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 import triton
@@ -41,119 +47,150 @@ import triton.language as tl
 from attncc.codegen import launch
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TILE = 4096  # elements of one [SP, BN, BD] tile (fp32: 32 registers a thread at 4 warps)
-MAX_BLOCK_D = 128
-MAX_BLOCK_N = 64
+MAX_D = 16384  # the widest row a program holds in registers
+PROGRAMS = 2048  # the backward's programs (each loops over tokens): bounds its [P, d] partial sums
 
 
-
-def blocks(S: int, N: int, D: int) -> tuple[int, int, int]:
-    """(SP, BN, BD): the padded number of sources, the block of tokens and the block of d."""
-    SP = triton.next_power_of_2(S)
-    BD = min(triton.next_power_of_2(D), MAX_BLOCK_D, max(16, TILE // SP))
-    BN = max(1, min(TILE // (SP * BD), MAX_BLOCK_N, triton.next_power_of_2(N)))
-    return SP, BN, BD
-
-
-@triton.jit
-def _tile(v_ptr, rs, rn, k0, S, N, D, BD: tl.constexpr):
-    """The [SP, BN, BD] tile of the stacked sources at d offset k0 (fp32, zero outside), its d offsets."""
-    rk = k0 + tl.arange(0, BD)
-    offs = (rs[:, None, None] * N + rn[None, :, None]) * D + rk[None, None, :]
-    mask = (rs[:, None, None] < S) & (rn[None, :, None] < N) & (rk[None, None, :] < D)
-    return tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32), offs, mask, rk
+def config(S: int, D: int, backward: bool) -> tuple[int, int]:
+    """(BL, num_warps): sources per step and warps of a program. Measured on the H200 (bench/, d = 4096,
+    S = 4..17): 4 warps a 4096-wide row; the forward steps 2 sources at a time (4 when S divides), the
+    backward 4."""
+    override = os.environ.get("ATTNCC_ATTNRES_CONFIG")
+    if override:
+        bl, warps = json.loads(override)
+        return int(bl), int(warps)
+    warps = max(1, min(16, triton.next_power_of_2(D) // 1024))
+    return (4 if backward or S % 4 == 0 else 2), warps
 
 
 @triton.jit
-def _attnres_fwd(v_ptr, w_ptr, g_ptr, o_ptr, r_ptr, p_ptr, N, D, eps,
-                 S: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
+def _pick(vs, rl, S: tl.constexpr):
+    """[BL] pointers: source rl[j] of the tuple vs (source 0 where rl >= S; those lanes are masked)."""
+    ptr = vs[0] + rl.to(tl.int64) * 0
+    for j in tl.static_range(1, S):
+        ptr = tl.where(rl == j, vs[j], ptr)
+    return ptr
+
+
+@triton.jit
+def _coef(w_ptr, g_ptr, rd, D: tl.constexpr):
+    """c = w ⊙ g at the d offsets rd."""
+    return tl.load(w_ptr + rd, mask=rd < D, other=0.0).to(tl.float32) * \
+        tl.load(g_ptr + rd, mask=rd < D, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _rows(vs, n, rl, rd, S: tl.constexpr, D: tl.constexpr, EVICT: tl.constexpr):
+    """The [BL, BD] rows of token n in sources rl (fp32, zero outside), and the lanes that are sources.
+    EVICT: the L2 policy ("evict_last" where the backward reads them again)."""
+    ml = rl < S
+    ptrs = _pick(vs, rl, S)
+    v = tl.load(ptrs[:, None] + (n * D + rd[None, :]), mask=ml[:, None] & (rd[None, :] < D), other=0.0,
+                eviction_policy=EVICT)
+    return v.to(tl.float32), ml
+
+
+@triton.jit
+def _attnres_fwd(vs, w_ptr, g_ptr, o_ptr, r_ptr, p_ptr, N, eps,
+                 S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    rd = tl.arange(0, BD)
+    c = _coef(w_ptr, g_ptr, rd, D)
+    m = tl.full((), float("-inf"), dtype=tl.float32)
+    acc = tl.zeros((), dtype=tl.float32)
+    o = tl.zeros((BD,), dtype=tl.float32)
+    for l0 in range(0, S, BL):
+        rl = l0 + tl.arange(0, BL)
+        v, ml = _rows(vs, n, rl, rd, S, D, "evict_first")
+        r = 1.0 / tl.sqrt(tl.sum(v * v, axis=1) / D + eps)
+        logit = tl.sum(v * c[None, :], axis=1) * r
+        m_new = tl.maximum(m, tl.max(tl.where(ml, logit, float("-inf")), axis=0))
+        e = tl.where(ml, tl.exp(logit - m_new), 0.0)
+        alpha = tl.exp(m - m_new)
+        acc = acc * alpha + tl.sum(e, axis=0)
+        o = o * alpha + tl.sum(e[:, None] * v, axis=0)
+        m = m_new
+        tl.store(r_ptr + rl * N + n, r, mask=ml)
+        tl.store(p_ptr + rl * N + n, logit, mask=ml)
+    tl.store(o_ptr + n * D + rd, (o / acc).to(o_ptr.dtype.element_ty), mask=rd < D)
+    lse = m + tl.log(acc)
+    tl.debug_barrier()
+    for l0 in range(0, S, BL):  # p's buffer holds ℓ: rewrite it as p
+        rl = l0 + tl.arange(0, BL)
+        logit = tl.load(p_ptr + rl * N + n, mask=rl < S, other=0.0)
+        tl.store(p_ptr + rl * N + n, tl.exp(logit - lse), mask=rl < S)
+
+
+@triton.jit
+def _attnres_bwd(vs, w_ptr, g_ptr, do_ptr, r_ptr, p_ptr, dv_ptr, u_ptr, N,
+                 S: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr):
     pid = tl.program_id(0)
-    rs = tl.arange(0, SP).to(tl.int64)
-    rn = (pid * BN + tl.arange(0, BN)).to(tl.int64)
-    ss = tl.zeros((SP, BN), dtype=tl.float32)
-    dot = tl.zeros((SP, BN), dtype=tl.float32)
-    for k0 in range(0, D, BD):
-        v, _, _, rk = _tile(v_ptr, rs, rn, k0, S, N, D, BD)
-        c = tl.load(w_ptr + rk, mask=rk < D, other=0.0).to(tl.float32) * \
-            tl.load(g_ptr + rk, mask=rk < D, other=0.0).to(tl.float32)
-        ss += tl.sum(v * v, axis=2)
-        dot += tl.sum(v * c[None, None, :], axis=2)
-    r = 1.0 / tl.sqrt(ss / D + eps)
-    logits = tl.where(rs[:, None] < S, r * dot, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, axis=0)[None, :])
-    p = e / tl.sum(e, axis=0)[None, :]
-    saved = rs[:, None] * N + rn[None, :]
-    inside = (rs[:, None] < S) & (rn[None, :] < N)
-    tl.store(r_ptr + saved, r, mask=inside)
-    tl.store(p_ptr + saved, p, mask=inside)
-    for k0 in range(0, D, BD):
-        v, _, _, rk = _tile(v_ptr, rs, rn, k0, S, N, D, BD)
-        o = tl.sum(p[:, :, None] * v, axis=0)
-        tl.store(o_ptr + rn[:, None] * D + rk[None, :], o.to(o_ptr.dtype.element_ty),
-                 mask=(rn[:, None] < N) & (rk[None, :] < D))
+    rd = tl.arange(0, BD)
+    c = _coef(w_ptr, g_ptr, rd, D)
+    u = tl.zeros((BD,), dtype=tl.float32)
+    for t in range(pid, N, tl.num_programs(0)):
+        n = tl.cast(t, tl.int64)
+        do = tl.load(do_ptr + n * D + rd, mask=rd < D, other=0.0).to(tl.float32)
+        pdp = tl.zeros((), dtype=tl.float32)  # Σ_j p_j dp_j
+        for l0 in range(0, S, BL):
+            rl = l0 + tl.arange(0, BL)
+            v, ml = _rows(vs, n, rl, rd, S, D, "evict_last")
+            p = tl.load(p_ptr + rl * N + n, mask=ml, other=0.0)
+            pdp += tl.sum(p * tl.sum(v * do[None, :], axis=1), axis=0)
+        for l0 in range(0, S, BL):
+            rl = l0 + tl.arange(0, BL)
+            v, ml = _rows(vs, n, rl, rd, S, D, "evict_first")
+            p = tl.load(p_ptr + rl * N + n, mask=ml, other=0.0)
+            r = tl.load(r_ptr + rl * N + n, mask=ml, other=0.0)
+            dl = p * (tl.sum(v * do[None, :], axis=1) - pdp)  # dℓ_i
+            xhat = r[:, None] * v
+            proj = tl.sum(xhat * c[None, :], axis=1) / D  # ℓ_i / d
+            dv = p[:, None] * do[None, :] + (dl * r)[:, None] * (c[None, :] - xhat * proj[:, None])
+            tl.store(dv_ptr + (rl[:, None] * N + n) * D + rd[None, :], dv.to(dv_ptr.dtype.element_ty),
+                     mask=ml[:, None] & (rd[None, :] < D))
+            u += tl.sum(dl[:, None] * xhat, axis=0)
+    tl.store(u_ptr + pid.to(tl.int64) * D + rd, u, mask=rd < D)
 
 
-@triton.jit
-def _attnres_bwd(v_ptr, w_ptr, g_ptr, do_ptr, r_ptr, p_ptr, dv_ptr, u_ptr, N, D,
-                 S: tl.constexpr, SP: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr):
-    pid = tl.program_id(0)
-    rs = tl.arange(0, SP).to(tl.int64)
-    rn = (pid * BN + tl.arange(0, BN)).to(tl.int64)
-    saved = rs[:, None] * N + rn[None, :]
-    inside = (rs[:, None] < S) & (rn[None, :] < N)
-    r = tl.load(r_ptr + saved, mask=inside, other=0.0)
-    p = tl.load(p_ptr + saved, mask=inside, other=0.0)
-    dp = tl.zeros((SP, BN), dtype=tl.float32)
-    dot = tl.zeros((SP, BN), dtype=tl.float32)
-    for k0 in range(0, D, BD):
-        v, _, _, rk = _tile(v_ptr, rs, rn, k0, S, N, D, BD)
-        c = tl.load(w_ptr + rk, mask=rk < D, other=0.0).to(tl.float32) * \
-            tl.load(g_ptr + rk, mask=rk < D, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + rn[:, None] * D + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < D),
-                     other=0.0).to(tl.float32)
-        dp += tl.sum(v * do[None, :, :], axis=2)
-        dot += tl.sum(v * c[None, None, :], axis=2)
-    dlogits = p * (dp - tl.sum(p * dp, axis=0)[None, :])
-    coef = dlogits * r  # dℓ_i r_i
-    proj = r * dot / D  # ℓ_i / d
-    for k0 in range(0, D, BD):
-        v, offs, mask, rk = _tile(v_ptr, rs, rn, k0, S, N, D, BD)
-        c = tl.load(w_ptr + rk, mask=rk < D, other=0.0).to(tl.float32) * \
-            tl.load(g_ptr + rk, mask=rk < D, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + rn[:, None] * D + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < D),
-                     other=0.0).to(tl.float32)
-        xhat = r[:, :, None] * v
-        dv = p[:, :, None] * do[None, :, :] + coef[:, :, None] * (c[None, None, :] - xhat * proj[:, :, None])
-        tl.store(dv_ptr + offs, dv.to(dv_ptr.dtype.element_ty), mask=mask)
-        u = tl.sum(tl.sum(dlogits[:, :, None] * xhat, axis=0), axis=0)
-        tl.store(u_ptr + pid.to(tl.int64) * D + rk, u, mask=rk < D)
+def _flat(sources) -> tuple[torch.Tensor, ...]:
+    """Each source as a contiguous [N, d] tensor (a view when it already is one)."""
+    d = sources[0].shape[-1]
+    return tuple(s.reshape(-1, d).contiguous() for s in sources)
 
 
-def attnres_fwd(values: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor,
+def attnres_fwd(sources, query: torch.Tensor, norm_weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """values: the stacked sources [S, N, d] (contiguous) -> o [N, d] (their dtype), r, p [S, N] fp32."""
-    S, N, D = values.shape
-    SP, BN, BD = blocks(S, N, D)
-    o = launch.alloc((N, D), values.dtype, values.device)
-    r = launch.alloc((S, N), torch.float32, values.device)
-    p = launch.alloc((S, N), torch.float32, values.device)
+    """S sources of one shape [..., d] (d <= MAX_D) -> o [N, d] (their dtype), r, p [S, N] fp32 (N: the
+    leading dims)."""
+    vs = _flat(sources)
+    S, (N, D) = len(vs), vs[0].shape
+    BL, warps = config(S, D, backward=False)
+    device = vs[0].device
+    o = launch.alloc((N, D), vs[0].dtype, device)
+    r = launch.alloc((S, N), torch.float32, device)
+    p = launch.alloc((S, N), torch.float32, device)
     if N > 0:
-        _attnres_fwd[(triton.cdiv(N, BN),)](values, query.contiguous(), norm_weight.contiguous(), o, r, p, N, D,
-                                            float(eps), S=S, SP=SP, BN=BN, BD=BD)
+        _attnres_fwd[(N,)](vs, query.contiguous(), norm_weight.contiguous(), o, r, p, N, float(eps), S=S, D=D,
+                           BD=triton.next_power_of_2(D), BL=BL, num_warps=warps)
     return o, r, p
 
 
-def attnres_bwd(do: torch.Tensor, values: torch.Tensor, query: torch.Tensor, norm_weight: torch.Tensor,
+def attnres_bwd(do: torch.Tensor, sources, query: torch.Tensor, norm_weight: torch.Tensor,
                 r: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """do [N, d], the stacked sources [S, N, d], r, p [S, N] -> (dv [S, N, d], dquery, dnorm_weight)."""
-    S, N, D = values.shape
-    SP, BN, BD = blocks(S, N, D)
-    programs = triton.cdiv(N, BN)
-    dv = launch.alloc((S, N, D), values.dtype, values.device)
-    u = launch.alloc((programs, D), torch.float32, values.device)
+    """do [..., d], the S sources, r, p [S, ...] -> (dv [S, N, d], dquery, dnorm_weight)."""
+    vs = _flat(sources)
+    S, (N, D) = len(vs), vs[0].shape
+    BL, warps = config(S, D, backward=True)
+    programs = max(1, min(N, PROGRAMS))
+    device = vs[0].device
+    dv = launch.alloc((S, N, D), vs[0].dtype, device)
+    u = launch.alloc((programs, D), torch.float32, device)
     query, norm_weight = query.contiguous(), norm_weight.contiguous()
     if N > 0:
-        _attnres_bwd[(programs,)](values, query, norm_weight, do.contiguous(), r, p, dv, u, N, D,
-                                  S=S, SP=SP, BN=BN, BD=BD)
-    u = u.sum(0)
+        _attnres_bwd[(programs,)](vs, query, norm_weight, do.reshape(N, D).contiguous(), r.reshape(S, N).contiguous(),
+                                  p.reshape(S, N).contiguous(), dv, u, N, S=S, D=D, BD=triton.next_power_of_2(D),
+                                  BL=BL, num_warps=warps)
+        u = u.sum(0)
+    else:
+        u = torch.zeros(D, dtype=torch.float32, device=device)
     return dv, (u * norm_weight.float()).to(query.dtype), (u * query.float()).to(norm_weight.dtype)

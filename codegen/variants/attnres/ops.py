@@ -36,6 +36,8 @@ def supports(sources: Sequence[torch.Tensor], query: torch.Tensor, norm_weight: 
         return "attnres kernel: the sources have different dtypes"
     if any(s.shape != first.shape for s in sources):
         return "attnres kernel: the sources have different shapes"
+    if first.dim() and first.shape[-1] > fused.MAX_D:
+        return f"attnres kernel: d = {first.shape[-1]} is wider than its {fused.MAX_D} (one row in registers)"
     if first.dim() == 0 or query.shape != first.shape[-1:] or norm_weight.shape != first.shape[-1:]:
         return "attnres kernel: query and norm weight must be vectors of the sources' last dim"
     if any(t.device != first.device for t in (*sources, query, norm_weight)):
@@ -72,9 +74,8 @@ def attnres_fused(sources: list[torch.Tensor], query: torch.Tensor, norm_weight:
     if why is not None:
         raise ValueError(why)
     emit.record(kernel_spec(sources))
-    shape, d = sources[0].shape, sources[0].shape[-1]
-    values = torch.stack([s.reshape(-1, d) for s in sources])  # [S, N, d]: the one copy (fused.py says why)
-    o, r, p = fused.attnres_fwd(values, query, norm_weight, eps)
+    shape = sources[0].shape
+    o, r, p = fused.attnres_fwd(sources, query, norm_weight, eps)
     return o.view(shape), r.view(len(sources), *shape[:-1]), p.view(len(sources), *shape[:-1])
 
 
@@ -91,12 +92,8 @@ def attnres_fused_backward(do: torch.Tensor, sources: list[torch.Tensor], query:
                            norm_weight: torch.Tensor, r: torch.Tensor,
                            p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dv, dquery, dnorm_weight), dv [S, ...] stacked (fused.py derives the formulas)."""
-    shape, d = sources[0].shape, sources[0].shape[-1]
-    values = torch.stack([s.reshape(-1, d) for s in sources])
-    S, N = values.shape[:2]
-    dv, dquery, dnorm = fused.attnres_bwd(do.reshape(N, d), values, query, norm_weight, r.reshape(S, N),
-                                          p.reshape(S, N))
-    return dv.view(S, *shape), dquery, dnorm
+    dv, dquery, dnorm = fused.attnres_bwd(do, sources, query, norm_weight, r, p)
+    return dv.view(len(sources), *sources[0].shape), dquery, dnorm
 
 
 @attnres_fused_backward.register_fake
