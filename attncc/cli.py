@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("--steps", type=int, default=100, help="attention-transfer steps (default 100)")
     convert.add_argument("--lr", type=float, default=1e-3)
     convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--finetune-steps", type=int, default=0,
+                         help="LoRA fine-tune steps after the transfer (default 0: none)")
+    convert.add_argument("--lora-rank", type=int, default=8)
+    convert.add_argument("--lora-targets", default=None,
+                         help="comma-separated names of the Linear modules LoRA adapts (default: peft's choice for "
+                              "the model type, e.g. q_proj,v_proj for Llama)")
+    convert.add_argument("--finetune-lr", type=float, default=1e-4)
     convert.add_argument("--inner", default="aot_eager", choices=("inductor", "aot_eager", "eager"))
     convert.add_argument("--out", required=True, help="directory for model.safetensors, policy.yaml, report.md")
 
@@ -116,8 +123,12 @@ Steps (attncc.convert; the held-out batch is build()'s first batch, the rest tra
      (AttnRes queries); everything else is frozen
   3. attention transfer: --steps AdamW steps (--lr, --seed) on the relative error of every
      layer's hidden state against the teacher's, at real tokens, averaged over layers
-  4. measure: the per-layer error on the held-out batch, before and after (printed, report.md)
-  5. save: --out/model.safetensors and --out/policy.yaml (attncc.load_converted reads them back)
+  4. fine-tune (--finetune-steps N > 0): peft's LoRA (--lora-rank, --lora-targets, --finetune-lr)
+     on the model's own loss when the batches carry labels, else on the last layer's relative
+     error against the teacher; the adapters are merged into the weights afterwards
+  5. measure: the per-layer error on the held-out batch, before, after the transfer and at the
+     end (printed, report.md)
+  6. save: --out/model.safetensors and --out/policy.yaml (attncc.load_converted reads them back)
 """
 
 
@@ -130,12 +141,18 @@ def run_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.target}: build() returned {len(batches)} batch(es); convert needs two or more "
                          "(the first is held out to measure)")
     policy = attncc.load_policy(args.policy)
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     result = attncc.convert(model, policy, batches[1:], held_out=batches[0], steps=args.steps, lr=args.lr,
-                            seed=args.seed, inner=args.inner)
+                            seed=args.seed, inner=args.inner, finetune_steps=args.finetune_steps,
+                            lora_rank=args.lora_rank, lora_targets=targets, finetune_lr=args.finetune_lr)
     out = attncc.save_converted(model, policy, args.out)
     report = (f"# attncc convert: {args.target}, policy {policy.name}\n\n{args.steps} transfer steps in "
               f"{result.seconds:.1f} s; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "
-              f"{len(result.trained)} parameter tensors trained.\n\nRelative error of each layer's hidden state "
+              f"{len(result.trained)} parameter tensors trained."
+              + (f" Then {args.finetune_steps} LoRA fine-tune steps (rank {args.lora_rank}, {len(result.lora_targets)} "
+                 f"modules, merged): loss {result.finetune_losses[0]:.4f} -> {result.finetune_losses[-1]:.4f}."
+                 if result.finetune_losses else "")
+              + "\n\nRelative error of each layer's hidden state "
               f"against the original, held-out batch:\n\n{result.table()}\n")
     (out / "report.md").write_text(report)
     print(report)

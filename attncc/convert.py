@@ -17,11 +17,17 @@ The steps, in order:
    sites, so the stream stays in one graph, as AttnRes needs), at real tokens (the batch's
    `attention_mask`), averaged over layers: layer by layer, the student learns to reproduce the
    teacher. AdamW, a fixed seed (deterministic on the CPU), a tqdm bar with loss and tokens/s.
-4. **Measure.** The per-layer error on a held-out batch before and after (`Conversion.table()`).
-5. **Save.** `save_converted` writes the model's state (safetensors, AttnRes parameters included)
+4. **Fine-tune (optional, `finetune_steps > 0`).** A low-rank fine-tune of the whole model with peft's
+   LoRA (rank `lora_rank` on `lora_targets`, by default peft's choice for the model type, e.g. q_proj
+   and v_proj for Llama), the AttnRes parameters trained beside it. The objective is the model's own
+   loss when the batches carry `labels` (next-token cross-entropy for a causal LM), else the relative
+   error of the last layer's output against the teacher. The adapters are merged into the weights at
+   the end, so the model keeps its class and its state_dict keys.
+5. **Measure.** The per-layer error on a held-out batch before, after the transfer and at the end
+   (`Conversion.table()`).
+6. **Save.** `save_converted` writes the model's state (safetensors, AttnRes parameters included)
    and the policy; `load_converted` puts them back into a model of the same class.
 
-A low-rank fine-tune of the whole model (peft's LoRA) after the transfer is not built yet.
 """
 
 from __future__ import annotations
@@ -48,30 +54,42 @@ STATE_FILE, POLICY_FILE = "model.safetensors", "policy.yaml"
 
 @dataclass
 class Conversion:
-    """What a conversion did: the per-layer relative error on the held-out batch, before and after."""
+    """What a conversion did: the per-layer relative error on the held-out batch before, after the
+    transfer (`transferred`) and at the end (`after`: after the fine-tune when there was one)."""
 
     before: list[float]
     after: list[float]
     losses: list[float] = field(default_factory=list)
-    trained: list[str] = field(default_factory=list)  # names of the trained parameters
+    trained: list[str] = field(default_factory=list)  # names of the parameters the transfer trained
     seconds: float = 0.0
+    transferred: list[float] = field(default_factory=list)
+    finetune_losses: list[float] = field(default_factory=list)
+    lora_targets: list[str] = field(default_factory=list)  # the modules LoRA adapted (then merged)
 
     def table(self) -> str:
-        lines = ["| layer | error before | error after |", "|---|---|---|"]
-        lines += [f"| {i + 1} | {b:.4f} | {a:.4f} |" for i, (b, a) in enumerate(zip(self.before, self.after))]
+        columns = [("error before", self.before)]
+        if self.finetune_losses:
+            columns += [("after transfer", self.transferred), ("after fine-tune", self.after)]
+        else:
+            columns += [("error after", self.after)]
+        lines = ["| layer | " + " | ".join(name for name, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for i, row in enumerate(zip(*(values for _, values in columns))):
+            lines.append(f"| {i + 1} | " + " | ".join(f"{v:.4f}" for v in row) + " |")
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-        lines.append(f"| mean | {mean(self.before):.4f} | {mean(self.after):.4f} |")
+        lines.append("| mean | " + " | ".join(f"{mean(values):.4f}" for _, values in columns) + " |")
         return "\n".join(lines)
 
 
 def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
             held_out: Mapping[str, torch.Tensor] | None = None, lr: float = 1e-3, seed: int = 0,
-            inner: str = "aot_eager", progress: bool = True, mask_modules: tuple[str, ...] = ()) -> Conversion:
-    """Attention transfer (the module docstring's steps 1-4). `batches` yields keyword inputs of the
+            inner: str = "aot_eager", progress: bool = True, mask_modules: tuple[str, ...] = (),
+            finetune_steps: int = 0, lora_rank: int = 8, lora_targets: list[str] | None = None,
+            finetune_lr: float = 1e-4) -> Conversion:
+    """Attention transfer, then the optional LoRA fine-tune (the module docstring's steps 1-5). `batches` yields keyword inputs of the
     model (input_ids, attention_mask, ...), cycled until `steps`; `held_out` (default: the first batch)
     measures the per-layer error before and after. The model is changed in place: it is the student.
     `mask_modules`: the modules a policy's block masks may be imported from (as for attncc.backend).
-    Afterwards the model's parameters want gradients as they did before (the freezing is for the transfer)."""
+    Afterwards the model's parameters want gradients as they did before (the freezing is for the training)."""
     torch.manual_seed(seed)
     batches = list(batches)
     if not batches:
@@ -88,11 +106,21 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
     wanted = [(p, p.requires_grad) for p in model.parameters()]
     trained = _train_only(model, modules)
     layers = _layer_list([s.module for s in report.attention()])
-    student = LayerOutputs(attncc_compile(model, Backend(policy, inner=inner, mask_modules=mask_modules)),
-                           model, layers)
+    backend = Backend(policy, inner=inner, mask_modules=mask_modules)
+    student = LayerOutputs(attncc_compile(model, backend), model, layers)
     teacher = LayerOutputs(teacher, teacher, layers)
     try:
-        return _transfer(model, student, teacher, batches, held_out, trained, steps, lr, progress)
+        result = _transfer(model, student, teacher, batches, held_out, trained, steps, lr, progress)
+        student.remove()
+        if finetune_steps > 0:
+            backend = Backend(policy, inner=inner, mask_modules=mask_modules)
+            result.transferred = result.after
+            result.finetune_losses, result.lora_targets = _finetune(
+                model, backend, layers, teacher, batches, finetune_steps, finetune_lr, lora_rank, lora_targets,
+                progress)
+            student = LayerOutputs(attncc_compile(model, backend), model, layers)
+            result.after = layer_errors(student, teacher, held_out)
+        return result
     finally:
         student.remove()
         for p, flag in wanted:
@@ -121,6 +149,51 @@ def _transfer(model, student, teacher, batches, held_out, trained, steps, lr, pr
     model.eval()
     after = layer_errors(student, teacher, held_out)
     return Conversion(before, after, losses, [name for name, _ in trained], time.perf_counter() - start)
+
+
+def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets, progress):
+    """Step 4: LoRA adapters (peft) on `targets`, trained with the AttnRes parameters, then merged into the
+    weights. Returns the losses and the names of the adapted modules."""
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    added = attnres_parameters(model)
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
+    try:
+        adapted = get_peft_model(model, config)
+    except ValueError as e:
+        raise AttnccError(f"attncc.convert: the LoRA fine-tune cannot choose its modules ({e}); pass lora_targets "
+                          "(the names of Linear modules, e.g. ['q_proj', 'v_proj'])") from e
+    for p in added:
+        p.requires_grad_(True)
+    names = sorted(getattr(adapted.base_model, "targeted_module_names", []))
+    student = LayerOutputs(attncc_compile(model, backend), model, layers)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    losses: list[float] = []
+    model.train()
+    start, tokens = time.perf_counter(), 0
+    try:
+        bar = tqdm(range(steps), desc="LoRA fine-tune", disable=not progress)
+        for step in bar:
+            batch = batches[step % len(batches)]
+            outputs = student(batch)
+            if "labels" in batch:
+                loss = student.result.loss
+            else:
+                with torch.no_grad():
+                    target = teacher(batch)[-1:]
+                loss = _relative_errors(outputs[-1:], target, _real(batch))[0]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            tokens += int(_real(batch).sum())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+    finally:
+        student.remove()
+        model.eval()
+        adapted.merge_and_unload()
+    return losses, names
 
 
 def _train_only(model: nn.Module, modules: list[str]) -> list[tuple[str, nn.Parameter]]:
@@ -160,8 +233,9 @@ class LayerOutputs:
         self.handles = [layer.register_forward_hook(keep) for layer in owner.get_submodule(path)]
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The layers' outputs; what `fn` returned is kept as `self.result`."""
         self.outputs.clear()
-        self.fn(**batch)
+        self.result = self.fn(**batch)
         outputs = list(self.outputs)
         self.outputs.clear()
         return outputs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 import attncc.cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -48,7 +50,8 @@ def test_convert_minilm_transfer_lowers_the_layer_error():
 
 
 def test_convert_cli_saves_a_model_that_loads_back(tmp_path, capsys):
-    """attncc convert trains, reports and saves; load_converted puts the same weights into a fresh model."""
+    """attncc convert transfers, fine-tunes (LoRA, with AttnRes), reports and saves; load_converted puts the same
+    weights into a fresh model."""
     import torch
     import yaml
 
@@ -56,9 +59,10 @@ def test_convert_cli_saves_a_model_that_loads_back(tmp_path, capsys):
     policy.write_text(yaml.safe_dump({"attention": {"default": {"variant": "linear"}}, "residual": "attnres"}))
     out = tmp_path / "out"
     assert attncc.cli.main(["convert", f"{EXAMPLES / 'tiny_models.py'}:llama_batches", "--policy", str(policy),
-                            "--steps", "3", "--out", str(out)]) == 0
+                            "--steps", "3", "--finetune-steps", "2", "--lora-rank", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "| mean |" in text and (out / "report.md").read_text().startswith("# attncc convert")
+    assert "2 LoRA fine-tune steps (rank 2, 8 modules, merged)" in text  # q_proj, v_proj of 4 layers
     trained, batches = _load("tiny_models").llama_batches()
     fresh, _ = _load("tiny_models").llama_batches()
     import safetensors.torch
@@ -83,4 +87,42 @@ def test_convert_trains_only_the_rewritten_attention_and_restores_requires_grad(
     assert changed and changed == set(result.trained)
     assert all(n.startswith(("model.layers.1.", "model.layers.2.", "model.layers.3.")) and ".self_attn." in n
                for n in changed)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lora_fine_tune_with_the_model_loss_merges_into_the_weights():
+    """finetune_steps > 0: peft's LoRA on the model type's default modules (Llama: q_proj, v_proj), trained on
+    the model's own loss (the batches carry labels), merged at the end: the same state_dict keys, layer 0
+    (kept softmax, not transferred) has a changed v_proj, and the loss goes down on a repeated batch."""
+    import torch
+
+    model, batches = _load("tiny_models").llama_batches()
+    keys = set(model.state_dict())
+    v0 = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    train = [dict(batches[1], labels=batches[1]["input_ids"])]
+    policy = {"attention": {"default": {"variant": "linear"}, "rules": [{"where": {"layers": "0"}, "use": "keep"}]}}
+    result = attncc.convert(model, policy, train, held_out=batches[0], steps=1, progress=False, finetune_steps=6,
+                            lora_rank=4, finetune_lr=1e-2)
+    assert "model.layers.0.self_attn.v_proj" in result.lora_targets and len(result.finetune_losses) == 6
+    assert 3 < result.finetune_losses[0] < 8  # next-token cross-entropy over 256 tokens
+    assert result.finetune_losses[-1] < result.finetune_losses[0]
+    assert set(model.state_dict()) == keys and not hasattr(model.model.layers[0].self_attn.v_proj, "lora_A")
+    assert not torch.equal(model.model.layers[0].self_attn.v_proj.weight, v0)
+    assert len(result.transferred) == len(result.after) == 4 and "after fine-tune" in result.table()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lora_fine_tune_distills_the_last_layer_without_labels():
+    model, batches = _load("tiny_models").llama_batches()
+    result = attncc.convert(model, {"attention": "linear"}, batches[1:2], held_out=batches[0], steps=1,
+                            progress=False, finetune_steps=5, lora_targets=["o_proj"], finetune_lr=1e-2)
+    assert result.lora_targets == [f"model.layers.{i}.self_attn.o_proj" for i in range(4)]
+    assert result.finetune_losses[-1] < result.finetune_losses[0]  # the relative error of the last layer
+
+
+def test_lora_fine_tune_names_modules_it_cannot_find():
+    model, batches = _load("tiny_models").llama_batches()
+    with pytest.raises(attncc.AttnccError, match="lora_targets"):
+        attncc.convert(model, {"attention": "linear"}, batches[1:2], held_out=batches[0], steps=1, progress=False,
+                       finetune_steps=1, lora_targets=["no_such_proj"])
     assert all(p.requires_grad for p in model.parameters())
