@@ -1,7 +1,8 @@
 """Typed facts about an attention site: what the passes establish and the variants decide from.
 
 `MaskKind` is the site's mask structure (patterns/masks.py classifies it; a variant's op is
-specialized on it). `SiteFacts` is what a variant may look at when it decides whether it can serve
+specialized on it; `queries_end_keys` is the alignment rule both the classifier and the run-time
+check apply). `SiteFacts` is what a variant may look at when it decides whether it can serve
 a site and which constants its op gets; it carries no graph nodes, so variants stay out of FX.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class MaskKind:
 NONE = MaskKind("none")
 CAUSAL = MaskKind("causal")
 OTHER = MaskKind("other")
+
+
+def queries_end_keys(keys: torch.Tensor, tq: int) -> bool:
+    """Whether tq causal queries can sit at the end of the keys, given which keys are real (keys
+    [B', Tk] bool): as many queries as keys, or fewer whose own keys (the last tq) are all real. A cache
+    whose unused slots trail the queries (a static cache) puts them elsewhere."""
+    tk = keys.shape[-1]
+    return tq == tk or (tq < tk and bool(keys[:, tk - tq:].all()))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from attncc.errors import MaskMismatch
+from attncc.facts import queries_end_keys
 
 from .masks import NO_KEY
 
@@ -70,7 +71,7 @@ def check(mask: Tensor, kind: str, window: int, tq: int) -> tuple[Tensor, str | 
         return keys, f"a {tq}x{tk} mask cannot be {kind}"
     if not bool((ok == (shape & keys[:, None, None, :])).all()):
         return keys, f"the mask is not {describe(kind, window)} with key padding"
-    if kind != "none" and tq < tk and not bool(keys[:, tk - tq:].all()):
+    if kind != "none" and not queries_end_keys(keys, tq):
         return keys, f"the {tq} queries do not end the {tk} keys (keys after them are masked, as in a static cache)"
     return keys, None
 

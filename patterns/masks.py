@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from attncc.facts import OTHER, MaskKind
+from attncc.facts import OTHER, MaskKind, queries_end_keys
 
 
 def allowed_from_bias(bias: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -53,7 +53,7 @@ def classify(allowed: torch.Tensor, pure: bool = True, *, decoding: bool = False
         return bool((allowed == expected).all())
 
     everything = same(torch.ones(tq, tk, dtype=torch.bool, device=allowed.device))
-    ends_keys = tq == tk or (tq < tk and bool(keys[:, tk - tq:].all()))
+    ends_keys = queries_end_keys(keys, tq)
     if everything and not (decoding and tq == 1 and ends_keys):
         return MaskKind("none", padding=padded)
     if not ends_keys:
