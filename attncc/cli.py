@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="comma-separated names of the Linear modules LoRA adapts (default: peft's choice for "
                               "the model type, e.g. q_proj,v_proj for Llama)")
     convert.add_argument("--finetune-lr", type=float, default=1e-4)
+    convert.add_argument("--checkpoint", default=None,
+                         help="directory for the training state, written every --checkpoint-every steps; run the "
+                              "same command again to resume from it")
+    convert.add_argument("--checkpoint-every", type=int, default=50)
     convert.add_argument("--inner", default="aot_eager", choices=("inductor", "aot_eager", "eager"))
     convert.add_argument("--out", required=True, help="directory for model.safetensors, policy.yaml, report.md")
 
@@ -129,6 +133,8 @@ Steps (attncc.convert; the held-out batch is build()'s first batch, the rest tra
   5. measure: the per-layer error on the held-out batch, before, after the transfer and at the
      end (printed, report.md)
   6. save: --out/model.safetensors and --out/policy.yaml (attncc.load_converted reads them back)
+With --checkpoint DIR the training state is saved every --checkpoint-every steps (and at the end of
+each stage); the same command, run again, resumes from it. Every step seeds its own RNG from --seed.
 """
 
 
@@ -144,7 +150,8 @@ def run_convert(args: argparse.Namespace) -> int:
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()] if args.lora_targets else None
     result = attncc.convert(model, policy, batches[1:], held_out=batches[0], steps=args.steps, lr=args.lr,
                             seed=args.seed, inner=args.inner, finetune_steps=args.finetune_steps,
-                            lora_rank=args.lora_rank, lora_targets=targets, finetune_lr=args.finetune_lr)
+                            lora_rank=args.lora_rank, lora_targets=targets, finetune_lr=args.finetune_lr,
+                            checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)
     out = attncc.save_converted(model, policy, args.out)
     report = (f"# attncc convert: {args.target}, policy {policy.name}\n\n{args.steps} transfer steps in "
               f"{result.seconds:.1f} s; loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; "

@@ -25,6 +25,9 @@ The steps, in order:
    the end, so the model keeps its class and its state_dict keys.
 5. **Measure.** The per-layer error on a held-out batch before, after the transfer and at the end
    (`Conversion.table()`).
+
+With `checkpoint=DIR` the training state is written every `checkpoint_every` steps; the same call on
+a freshly built original model resumes where it stopped.
 6. **Save.** `save_converted` writes the model's state (safetensors, AttnRes parameters included)
    and the policy; `load_converted` puts them back into a model of the same class.
 
@@ -84,17 +87,43 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
             held_out: Mapping[str, torch.Tensor] | None = None, lr: float = 1e-3, seed: int = 0,
             inner: str = "aot_eager", progress: bool = True, mask_modules: tuple[str, ...] = (),
             finetune_steps: int = 0, lora_rank: int = 8, lora_targets: list[str] | None = None,
-            finetune_lr: float = 1e-4) -> Conversion:
-    """Attention transfer, then the optional LoRA fine-tune (the module docstring's steps 1-5). `batches` yields keyword inputs of the
-    model (input_ids, attention_mask, ...), cycled until `steps`; `held_out` (default: the first batch)
-    measures the per-layer error before and after. The model is changed in place: it is the student.
-    `mask_modules`: the modules a policy's block masks may be imported from (as for attncc.backend).
-    Afterwards the model's parameters want gradients as they did before (the freezing is for the training)."""
+            finetune_lr: float = 1e-4, checkpoint: str | Path | None = None, checkpoint_every: int = 50) -> Conversion:
+    """Attention transfer, then the optional LoRA fine-tune (the module docstring's steps 1-5).
+    `batches` yields keyword inputs of the model (input_ids, attention_mask, ...), cycled until `steps`;
+    `held_out` (default: the first batch) measures the per-layer error before and after. The model is
+    changed in place: it is the student. `mask_modules`: the modules a policy's block masks may be
+    imported from (as for attncc.backend). Afterwards the model's parameters want gradients as they did
+    before (the freezing is for the training).
+
+    `checkpoint`: a directory where the training state (model, optimizer, step, losses) is written
+    every `checkpoint_every` steps and at the end of each stage. Calling convert again with the same
+    arguments on a freshly built original model resumes from it: the same losses and weights as a run
+    that was never interrupted (on the CPU). A larger `steps` continues a finished run.
+
+    Past dynamo's recompile limit a compiled model silently runs without attncc; during a conversion
+    that is an error (AttnccError) instead, never a transfer trained against the original attention."""
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _convert(model, policy, batches, steps, held_out, lr, seed, inner, progress, mask_modules,
+                            finetune_steps, lora_rank, lora_targets, finetune_lr, checkpoint, checkpoint_every)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        raise AttnccError("attncc.convert: dynamo reached its recompile limit (torch._dynamo.config.recompile_limit) "
+                          "and would have run the model without attncc; call torch._dynamo.reset() before each "
+                          "conversion of one process, or raise the limit") from e
+
+
+def _convert(model, policy, batches, steps, held_out, lr, seed, inner, progress, mask_modules, finetune_steps,
+             lora_rank, lora_targets, finetune_lr, checkpoint, checkpoint_every) -> Conversion:
     torch.manual_seed(seed)
     batches = list(batches)
     if not batches:
         raise AttnccError("attncc.convert needs at least one batch of inputs")
     held_out = dict(held_out or batches[0])
+    saved = _Checkpoint(checkpoint, checkpoint_every)
+    state = saved.load()
+    if state is not None and state["stage"] == "finetune" and finetune_steps <= 0:
+        raise AttnccError(f"attncc.convert: the checkpoint {saved.path} is from the LoRA fine-tune; pass the "
+                          "finetune_steps of that run to resume it, or another checkpoint directory")
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     policy = load_policy(policy)
     report = explain(model, (), policy, dict(held_out), mask_modules=mask_modules)
@@ -106,20 +135,30 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
     wanted = [(p, p.requires_grad) for p in model.parameters()]
     trained = _train_only(model, modules)
     layers = _layer_list([s.module for s in report.attention()])
-    backend = Backend(policy, inner=inner, mask_modules=mask_modules)
-    student = LayerOutputs(attncc_compile(model, backend), model, layers)
+    student = LayerOutputs(attncc_compile(model, Backend(policy, inner=inner, mask_modules=mask_modules)),
+                           model, layers)
     teacher = LayerOutputs(teacher, teacher, layers)
+    start = time.perf_counter()
     try:
-        result = _transfer(model, student, teacher, batches, held_out, trained, steps, lr, progress)
+        before = layer_errors(student, teacher, held_out)
+        if state is not None and state["stage"] == "finetune":  # the transfer had finished
+            losses, after = state["transfer_losses"], state["transferred"]
+        else:
+            losses = _train(model, lambda batch: _transfer_loss(student, teacher, batch), [p for _, p in trained],
+                            batches, steps, lr, "attention transfer", progress, saved, "transfer", state, {}, seed)
+            after = layer_errors(student, teacher, held_out)
         student.remove()
+        result = Conversion(before, after, losses, [name for name, _ in trained])
         if finetune_steps > 0:
             backend = Backend(policy, inner=inner, mask_modules=mask_modules)
-            result.transferred = result.after
+            result.transferred = after
+            extra = {"transfer_losses": losses, "transferred": after}
             result.finetune_losses, result.lora_targets = _finetune(
                 model, backend, layers, teacher, batches, finetune_steps, finetune_lr, lora_rank, lora_targets,
-                progress)
+                progress, saved, state, extra, seed)
             student = LayerOutputs(attncc_compile(model, backend), model, layers)
             result.after = layer_errors(student, teacher, held_out)
+        result.seconds = time.perf_counter() - start
         return result
     finally:
         student.remove()
@@ -127,36 +166,83 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
             p.requires_grad_(flag)
 
 
-def _transfer(model, student, teacher, batches, held_out, trained, steps, lr, progress) -> Conversion:
+CHECKPOINT_FILE = "convert_state.pt"
+
+
+class _Checkpoint:
+    """The training state of a conversion in `directory`/convert_state.pt: written with torch.save,
+    read back with torch.load(weights_only=True) (tensors, numbers, lists: no pickled code). No RNG
+    state: every step seeds its own (`_train`), so a resumed run draws what the whole run drew."""
+
+    def __init__(self, directory: str | Path | None, every: int):
+        self.path = Path(directory) / CHECKPOINT_FILE if directory is not None else None
+        self.every = max(1, int(every))
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.exists():
+            return None
+        return torch.load(self.path, weights_only=True)
+
+    def due(self, step: int, steps: int) -> bool:
+        return self.path is not None and ((step + 1) % self.every == 0 or step + 1 == steps)
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.path.with_suffix(".partial")
+        torch.save(state, partial)
+        partial.replace(self.path)  # a run killed while writing keeps the previous checkpoint
+
+
+STAGES = ("transfer", "finetune")
+
+
+def _train(model, loss_of, params, batches, steps, lr, desc, progress, saved: _Checkpoint, stage: str,
+           state: dict | None, extra: dict, seed: int) -> list[float]:
+    """AdamW on `params` for `steps` steps of loss_of(batch), batches cycled; resumed from `state` when it
+    is this stage's, checkpointed as `saved` says. Each step seeds torch's RNG from (seed, stage, step)
+    (dropout draws the same numbers whether or not the run was resumed, whatever compiling consumed).
+    Returns every step's loss."""
     from tqdm.auto import tqdm
 
-    before = layer_errors(student, teacher, held_out)
-    optimizer = torch.optim.AdamW([p for _, p in trained], lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses: list[float] = []
+    first = 0
+    if state is not None and state["stage"] == stage:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise AttnccError(f"attncc.convert: the checkpoint {saved.path} is not from this model and policy "
+                              f"({str(e).splitlines()[0]}); use another checkpoint directory") from e
+        optimizer.load_state_dict(state["optimizer"])
+        losses, first = list(state["losses"]), int(state["step"])
     model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc="attention transfer", disable=not progress)
-    tokens = 0
+    start, tokens = time.perf_counter(), 0
+    bar = tqdm(range(first, steps), desc=desc, disable=not progress, initial=first, total=steps)
     for step in bar:
+        torch.manual_seed((seed * len(STAGES) + STAGES.index(stage)) * 1_000_003 + step)
         batch = batches[step % len(batches)]
-        loss = _transfer_loss(student, teacher, batch)
+        loss = loss_of(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
         tokens += int(_real(batch).sum())
         bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        if saved.due(step, steps):
+            saved.save({"stage": stage, "step": step + 1, "losses": losses, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), **extra})
     model.eval()
-    after = layer_errors(student, teacher, held_out)
-    return Conversion(before, after, losses, [name for name, _ in trained], time.perf_counter() - start)
+    return losses
 
 
-def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets, progress):
-    """Step 4: LoRA adapters (peft) on `targets`, trained with the AttnRes parameters, then merged into the
-    weights. Returns the losses and the names of the adapted modules."""
+def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets, progress, saved, state, extra,
+              seed):
+    """Step 4: LoRA adapters (peft; their initialization drawn from `seed`) on `targets`, trained with the
+    AttnRes parameters, then merged into the weights. Returns the losses and the names of the adapted
+    modules."""
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
+    torch.manual_seed(seed)
     added = attnres_parameters(model)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
     try:
@@ -168,30 +254,20 @@ def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets
         p.requires_grad_(True)
     names = sorted(getattr(adapted.base_model, "targeted_module_names", []))
     student = LayerOutputs(attncc_compile(model, backend), model, layers)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    losses: list[float] = []
-    model.train()
-    start, tokens = time.perf_counter(), 0
+
+    def loss_of(batch):
+        outputs = student(batch)
+        if "labels" in batch:
+            return student.result.loss
+        with torch.no_grad():
+            target = teacher(batch)[-1:]
+        return _relative_errors(outputs[-1:], target, _real(batch))[0]
+
     try:
-        bar = tqdm(range(steps), desc="LoRA fine-tune", disable=not progress)
-        for step in bar:
-            batch = batches[step % len(batches)]
-            outputs = student(batch)
-            if "labels" in batch:
-                loss = student.result.loss
-            else:
-                with torch.no_grad():
-                    target = teacher(batch)[-1:]
-                loss = _relative_errors(outputs[-1:], target, _real(batch))[0]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            tokens += int(_real(batch).sum())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
+        losses = _train(model, loss_of, [p for p in model.parameters() if p.requires_grad], batches, steps, lr,
+                        "LoRA fine-tune", progress, saved, "finetune", state, extra, seed)
     finally:
         student.remove()
-        model.eval()
         adapted.merge_and_unload()
     return losses, names
 

@@ -126,3 +126,38 @@ def test_lora_fine_tune_names_modules_it_cannot_find():
         attncc.convert(model, {"attention": "linear"}, batches[1:2], held_out=batches[0], steps=1, progress=False,
                        finetune_steps=1, lora_targets=["no_such_proj"])
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_convert_resumes_from_its_checkpoint(tmp_path):
+    """Interrupted in the transfer, then in the fine-tune, and resumed each time from the checkpoint: the
+    same losses and weights as one uninterrupted run."""
+    import torch
+
+    def run(steps, checkpoint, finetune):
+        torch._dynamo.reset()  # as a new process would start (and under dynamo's recompile limit)
+        model, batches = _load("tiny_models").llama_batches()
+        result = attncc.convert(model, {"attention": "linear"}, batches[1:], held_out=batches[0], steps=steps,
+                                progress=False, checkpoint=checkpoint, checkpoint_every=1, finetune_steps=finetune,
+                                lora_rank=2, finetune_lr=1e-3)
+        return model, result
+
+    whole_model, whole = run(3, None, 2)
+    run(2, tmp_path, 0)  # stopped after 2 of 3 transfer steps
+    run(3, tmp_path, 1)  # resumes the transfer, then stops after 1 of 2 fine-tune steps
+    model, resumed = run(3, tmp_path, 2)
+    assert resumed.losses == whole.losses and resumed.finetune_losses == whole.finetune_losses
+    assert resumed.before == whole.before and resumed.after == pytest.approx(whole.after, rel=1e-6)
+    expected = whole_model.state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in model.state_dict().items())
+    with pytest.raises(attncc.AttnccError, match="from the LoRA fine-tune"):
+        run(3, tmp_path, 0)
+
+
+def test_convert_refuses_to_train_past_the_recompile_limit(monkeypatch):
+    """Past the limit dynamo would run the model without attncc: convert raises instead."""
+    import torch
+
+    model, batches = _load("tiny_models").llama_batches()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    with pytest.raises(attncc.AttnccError, match="recompile limit"):
+        attncc.convert(model, {"attention": "linear"}, batches[1:], held_out=batches[0], steps=1, progress=False)
