@@ -131,7 +131,7 @@ Steps (attncc.convert; the held-out batch is build()'s first batch, the rest tra
      on the model's own loss when the batches carry labels, else on the last layer's relative
      error against the teacher; the adapters are merged into the weights afterwards
   5. measure: the per-layer error on the held-out batch, before, after the transfer and at the
-     end (printed, report.md)
+     end (printed; report.md with layers.png and losses.png, the training curves)
   6. save: --out/model.safetensors and --out/policy.yaml (attncc.load_converted reads them back)
 With --checkpoint DIR the training state is saved every --checkpoint-every steps (and at the end of
 each stage); the same command, run again, resumes from it. Every step seeds its own RNG from --seed.
@@ -161,9 +161,11 @@ def run_convert(args: argparse.Namespace) -> int:
                  if result.finetune_losses else "")
               + "\n\nRelative error of each layer's hidden state "
               f"against the original, held-out batch:\n\n{result.table()}\n")
+    result.save_plots(out)
+    report += "\n![per-layer error](layers.png)\n\n![training](losses.png)\n"
     (out / "report.md").write_text(report)
     print(report)
-    print(f"saved to {out}/ (model.safetensors, policy.yaml, report.md)")
+    print(f"saved to {out}/ (model.safetensors, policy.yaml, report.md, layers.png, losses.png)")
     return 0
 
 

@@ -82,6 +82,45 @@ class Conversion:
         lines.append("| mean | " + " | ".join(f"{mean(values):.4f}" for _, values in columns) + " |")
         return "\n".join(lines)
 
+    def save_plots(self, directory: str | Path) -> list[Path]:
+        """Write the report's pictures (matplotlib, PNG) into `directory`: `layers.png`, the per-layer
+        error before, after the transfer and after the fine-tune; `losses.png`, the training curves.
+        Returns their paths."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        stages = [("before", self.before)]
+        stages += ([("after transfer", self.transferred), ("after fine-tune", self.after)] if self.finetune_losses
+                   else [("after transfer", self.after)])
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        width = 0.8 / len(stages)
+        for i, (name, values) in enumerate(stages):
+            ax.bar([layer + 1 + (i - (len(stages) - 1) / 2) * width for layer in range(len(values))], values,
+                   width=width, label=name)
+        ax.set(xlabel="layer", ylabel="relative error of the layer's output", title="error against the original",
+               xticks=range(1, len(self.before) + 1))
+        ax.legend()
+        fig.tight_layout()
+        paths = [directory / "layers.png"]
+        fig.savefig(paths[0])
+        plt.close(fig)
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        ax.plot(range(1, len(self.losses) + 1), self.losses, label="attention transfer")
+        if self.finetune_losses:
+            ax.plot(range(len(self.losses) + 1, len(self.losses) + len(self.finetune_losses) + 1),
+                    self.finetune_losses, label="LoRA fine-tune")
+        ax.set(xlabel="step", ylabel="loss", yscale="log", title="training")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(directory / "losses.png")
+        fig.savefig(paths[1])
+        plt.close(fig)
+        return paths
+
 
 def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
             held_out: Mapping[str, torch.Tensor] | None = None, lr: float = 1e-3, seed: int = 0,

@@ -24,13 +24,13 @@ import math
 import os
 import pathlib
 import sys
-import warnings
 
 import torch
 import triton
-import triton.testing
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention import sdpa_kernel
+
+import anchors
+from anchors import bench, block_mask, sdpa_backend
 
 try:
     from attncc.codegen.variants.softmax.flash import flash_attention_bwd, flash_attention_fwd, flash_config
@@ -66,19 +66,6 @@ CASES = [
     ("dense causal", dict(pattern="dense"), None),
 ]
 
-# One compiled flex_attention serves every mask and size: let dynamo keep all of its graphs (past the
-# default limit of 8 it would fall back to the unfused path, which materializes N x N scores).
-for _name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, _name):
-        setattr(torch._dynamo.config, _name, 64)
-warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
-_flex = torch.compile(flex_attention, dynamic=False)
-
-
-def bench(fn, grads):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
-
-
 def attncc_fns(q, k, v, do, spec):
     kwargs = dict(scale=SCALE, causal=True, **spec)
 
@@ -92,16 +79,6 @@ def attncc_fns(q, k, v, do, spec):
     return fwd, fwd_bwd
 
 
-def sdpa_backend():
-    q = torch.randn(1, 2, 256, D, device="cuda", dtype=DTYPE)
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
-        return SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"
-    except RuntimeError:
-        return SDPBackend.FLASH_ATTENTION, "SDPA flash"
-
-
 def anchor_forward(mask_mod, n, backend):
     """The anchor as f(q, k, v): FlexAttention with mask_mod's block mask, or SDPA causal."""
     if mask_mod is None:
@@ -110,13 +87,10 @@ def anchor_forward(mask_mod, n, backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE)
 
         return sdpa
-    try:
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda", _compile=True)
-    except TypeError:
-        block_mask = create_block_mask(mask_mod, None, None, n, n, device="cuda")
+    mask = block_mask(mask_mod, n)
 
     def flex(q, k, v):
-        return _flex(q, k, v, block_mask=block_mask, scale=SCALE)
+        return anchors.flex(q, k, v, block_mask=mask, scale=SCALE)
 
     return flex
 
@@ -217,7 +191,8 @@ def main():
         sys.exit("bench_flash.py needs a CUDA GPU")
     if args.sweep:
         sweep()
-    backend, backend_name = sdpa_backend()
+    backend, backend_name = sdpa_backend(D, DTYPE)
+    backend_name = f"SDPA {backend_name}"
     rows = []
     for n in args.sizes:
         for name, spec, mask_mod in CASES:

@@ -27,14 +27,14 @@ import math
 import os
 import pathlib
 import sys
-import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.testing
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention import sdpa_kernel
+
+import anchors
+from anchors import bench, block_mask, sdpa_backend
 
 try:
     import attncc.codegen.variants.attnres.ops  # noqa: F401  (registers attncc::attnres_fused)
@@ -48,17 +48,6 @@ DTYPE = torch.bfloat16
 LOG_D = math.log(D)
 COPY_BANDWIDTH = 4.27e12  # bytes/s, ANCHORS.md
 
-for _name in ("recompile_limit", "cache_size_limit"):
-    if hasattr(torch._dynamo.config, _name):
-        setattr(torch._dynamo.config, _name, 64)
-warnings.filterwarnings("ignore", message="_compile flag on create_block_mask")
-_flex = torch.compile(flex_attention, dynamic=False)
-
-
-def bench(fn, grads):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
-
-
 def log_softplus(score, b, h, q_idx, kv_idx):
     c = LOG_D * torch.log((q_idx + 1).to(torch.float32))
     return torch.log(F.softplus(c * score))
@@ -69,26 +58,13 @@ def causal(b, h, q_idx, kv_idx):
 
 
 def flex_lssa(n):
-    try:
-        block_mask = create_block_mask(causal, None, None, n, n, device="cuda", _compile=True)
-    except TypeError:
-        block_mask = create_block_mask(causal, None, None, n, n, device="cuda")
+    mask = block_mask(causal, n)
 
     def run(q, k, v):
         qn, kn = (F.normalize(x.float(), dim=-1).to(x.dtype) for x in (q, k))
-        return _flex(qn, kn, v, score_mod=log_softplus, block_mask=block_mask, scale=1.0)
+        return anchors.flex(qn, kn, v, score_mod=log_softplus, block_mask=mask, scale=1.0)
 
     return run
-
-
-def sdpa_backend():
-    q = torch.randn(1, 2, 256, D, device="cuda", dtype=DTYPE)
-    try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            F.scaled_dot_product_attention(q, q, q, is_causal=True)
-        return SDPBackend.CUDNN_ATTENTION, "cuDNN"
-    except RuntimeError:
-        return SDPBackend.FLASH_ATTENTION, "flash"
 
 
 def fwd_bwd(f, inputs, do):
@@ -218,7 +194,7 @@ def main():
             rows += attnres_rows(s)
             torch.cuda.empty_cache()
     if "softplus" not in args.skip:
-        backend, backend_name = sdpa_backend()
+        backend, backend_name = sdpa_backend(D, DTYPE)
         for n in args.sizes:
             try:
                 rows += softplus_rows(n, backend, backend_name)

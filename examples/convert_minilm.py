@@ -89,7 +89,7 @@ def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int
                                                                                mask_modules=MASK_MODULES)),
                                     evaluation))
     return dict(variant=variant, before=before, after=after, layer_before=result.before, layer_after=result.after,
-                seconds=seconds, steps=steps)
+                seconds=seconds, steps=steps, result=result)
 
 
 def table(rows: list[dict]) -> str:
@@ -114,9 +114,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "48 held-out standard-library docstring sentences; cosine = mean cosine of each converted embedding "
             "to the original's, spearman = rank agreement of all pairwise similarities; layer error = mean "
             "relative error of the layers' outputs on the same held-out sentences.\n\n" + table(rows) + "\n")
+    if args.report:  # with each variant's pictures (attncc.Conversion.save_plots) beside it
+        report = Path(args.report)
+        folder = report.with_suffix("")
+        for r in rows:
+            r["result"].save_plots(folder / r["variant"])
+            text += (f"\n{r['variant']}: ![per-layer error]({folder.name}/{r['variant']}/layers.png) "
+                     f"![training]({folder.name}/{r['variant']}/losses.png)\n")
+        report.write_text(text)
     print(text)
-    if args.report:
-        Path(args.report).write_text(text)
     return rows
 
 

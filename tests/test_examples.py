@@ -63,6 +63,8 @@ def test_convert_cli_saves_a_model_that_loads_back(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| mean |" in text and (out / "report.md").read_text().startswith("# attncc convert")
     assert "2 LoRA fine-tune steps (rank 2, 8 modules, merged)" in text  # q_proj, v_proj of 4 layers
+    for picture in ("layers.png", "losses.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in text
     trained, batches = _load("tiny_models").llama_batches()
     fresh, _ = _load("tiny_models").llama_batches()
     import safetensors.torch
@@ -161,3 +163,17 @@ def test_convert_refuses_to_train_past_the_recompile_limit(monkeypatch):
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     with pytest.raises(attncc.AttnccError, match="recompile limit"):
         attncc.convert(model, {"attention": "linear"}, batches[1:], held_out=batches[0], steps=1, progress=False)
+
+
+def test_conversion_plots_are_pictures_of_its_numbers(tmp_path):
+    from attncc.convert import Conversion
+
+    result = Conversion(before=[0.4, 0.5], after=[0.1, 0.2], losses=[0.5, 0.3, 0.2], transferred=[0.2, 0.3],
+                        finetune_losses=[0.25, 0.2])
+    paths = result.save_plots(tmp_path)
+    assert [p.name for p in paths] == ["layers.png", "losses.png"]
+    from PIL import Image
+
+    for path in paths:
+        image = Image.open(path)
+        assert image.size == (600, 320) and len(set(image.convert("RGB").getdata())) > 10  # drawn, not blank
