@@ -234,7 +234,7 @@ def rewrite_residual(ctx: Context) -> None:
                 state.site.status, state.site.reason = "unsupported", problem
             continue
         needs = _needs(stream)
-        reasons = [_describe(stream, l) + "; " + _conversion(stream, l, variant.block_size)
+        reasons = [_describe(stream, l) + "; " + _conversion(stream, l, variant.block_size, variant.exact_start)
                    for l in range(len(stream.matches))]  # before the rewrite rewires what they describe
         if discovery is not None:  # attncc.prepare's trace: record what the stream needs, rewrite nothing
             discovery.append(needs)
@@ -242,7 +242,7 @@ def rewrite_residual(ctx: Context) -> None:
                 state.site.status, state.site.reason = "kept", reason + "; attncc.prepare's trace: not rewritten"
             continue
         _rewrite_stream(ctx, stream, variant.block_size, _parameters(ctx, stream, anchors, needs),
-                        [state.key for state in stream_states])
+                        [state.key for state in stream_states], variant.exact_start)
         for l, (state, reason) in enumerate(zip(stream_states, reasons)):
             state.site.status, state.site.reason = "rewritten", reason
             if l == 0:  # one source: no aggregation runs (the others record what they run, when they run)
@@ -329,11 +329,13 @@ def _refusal(stream: Stream, n_streams: int) -> str | None:
     return None
 
 
-def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Parameters, keys: list[str]) -> None:
+def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Parameters, keys: list[str],
+                    exact_start: bool = False) -> None:
     """Replace sublayer l's input by attnres(sources_l) and the stream's end by the output aggregation.
 
     Each aggregation is `attnres.aggregate` (the fused kernel or the reference, as `kernels` says); it records
-    what it runs into sublayer l's report row (`keys[l]`; the output aggregation has no row of its own)."""
+    what it runs into sublayer l's report row (`keys[l]`; the output aggregation has no row of its own).
+    With `exact_start` each aggregation is multiplied by its number of sources (AttnRes.exact_start)."""
     graph = ctx.gm.graph
     created: set[fx.Node] = set()
     cursor = stream.start
@@ -354,6 +356,10 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Param
                       {"eps": eps, "kernels": ctx.options.kernels, "site": site})
         node.meta["example_value"] = meta_value(like_node)
         node.meta["nn_module_stack"] = dict(like_node.meta.get("nn_module_stack", {}))
+        if exact_start:
+            scaled = insert("call_function", operator.mul, (node, float(len(sources))))
+            scaled.meta.update(example_value=node.meta["example_value"], nn_module_stack=node.meta["nn_module_stack"])
+            return scaled
         return node
 
     def redirect(old: fx.Node, new: fx.Node) -> None:
@@ -376,13 +382,15 @@ def _rewrite_stream(ctx: Context, stream: Stream, block_size: int, params: Param
     redirect(stream.end, aggregate(final, "output", stream.end))
 
 
-def _conversion(stream: Stream, l: int, block_size: int) -> str:
+def _conversion(stream: Stream, l: int, block_size: int, exact_start: bool = False) -> str:
     """What the rewrite does at sublayer l, and whether the model computes the same at init."""
     form = "Full AttnRes" if block_size == 1 else f"Block AttnRes ({block_size} sublayers per block)"
     n_sources = 1 + l if block_size == 1 else 1 + l // block_size + (l % block_size > 0)
     how = f"{form}; identity: one source (the embedding)" if l == 0 else f"{form} over {n_sources} sources"
     if stream.matches[0].pattern == "postnorm_residual":
         return how + "; not function-preserving: post-norm (the norm follows the add), fine-tune after converting"
+    if exact_start:
+        return how + "; exact at init (zero queries; exact_start scales each aggregation by its sources)"
     raw = _raw_readers(stream)
     if raw:
         return how + f"; not function-preserving: the raw stream is also read by {', '.join(raw)}"

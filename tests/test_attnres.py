@@ -227,6 +227,29 @@ def test_zero_queries_preserve_the_function(build, block_size):
     assert all("function-preserving at init" in s.reason for s in sites)
 
 
+@pytest.mark.parametrize("block_size", [1, 2])
+def test_exact_start_computes_the_original_at_init(block_size):
+    """exact_start: each aggregation scaled by its number of sources is the plain sum, the original stream.
+    With the model's own eps (1e-6, where the paper's mean form is visibly off on a random-init model) the
+    output equals the original's to float rounding; without it the error is larger."""
+    torch.manual_seed(0)
+    model = _llama(1e-6)
+    ids = torch.randint(0, 128, (2, 11))
+    ref = model(ids)[0]
+    errors = {}
+    for exact in (False, True):
+        torch._dynamo.reset()
+        policy = {"attention": "keep", "residual": {"variant": "attnres", "block_size": block_size,
+                                                    "exact_start": exact}}
+        be = attncc.backend(policy, inner="aot_eager")
+        out = attncc.compile(model, be)(ids)[0]
+        errors[exact] = ((out - ref).abs().max() / ref.abs().max()).item()
+        sites = _residual(be.report)
+        assert all(s.status == "rewritten" for s in sites), be.report
+    assert errors[True] < 1e-5 < errors[False], errors
+    assert all("exact at init" in s.reason for s in sites)
+
+
 def test_postnorm_rewrite_is_allowed_and_says_it_is_not_preserving():
     torch.manual_seed(0)
     model, args, kwargs, layers = zoo.bert("sdpa")
