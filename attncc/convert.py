@@ -24,12 +24,12 @@ The steps, in order:
    error of the last layer's output against the teacher. The adapters are merged into the weights at
    the end, so the model keeps its class and its state_dict keys.
 5. **Measure.** The per-layer error on a held-out batch before, after the transfer and at the end
-   (`Conversion.table()`).
+   (`Conversion.table()`; `Conversion.save_plots` draws it and the training curves).
+6. **Save.** `save_converted` writes the model's state (safetensors, AttnRes parameters included)
+   and the policy; `load_converted` puts them back into a model of the same class.
 
 With `checkpoint=DIR` the training state is written every `checkpoint_every` steps; the same call on
 a freshly built original model resumes where it stopped.
-6. **Save.** `save_converted` writes the model's state (safetensors, AttnRes parameters included)
-   and the policy; `load_converted` puts them back into a model of the same class.
 
 """
 
