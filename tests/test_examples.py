@@ -155,14 +155,16 @@ def test_convert_resumes_from_its_checkpoint(tmp_path):
         run(3, tmp_path, 0)
 
 
-def test_convert_refuses_to_train_past_the_recompile_limit(monkeypatch):
-    """Past the limit dynamo would run the model without attncc: convert raises instead."""
+def test_convert_refuses_to_train_past_the_recompile_limit():
+    """Past the limit dynamo would run the model without attncc: convert raises instead. (The limit is set
+    with config.patch: monkeypatch's undo hides a torch config entry for the rest of the process.)"""
     import torch
 
     model, batches = _load("tiny_models").llama_batches()
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    with pytest.raises(attncc.AttnccError, match="recompile limit"):
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1), pytest.raises(attncc.AttnccError, match="recompile limit"):
         attncc.convert(model, {"attention": "linear"}, batches[1:], held_out=batches[0], steps=1, progress=False)
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 def test_conversion_plots_are_pictures_of_its_numbers(tmp_path):
