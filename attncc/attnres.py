@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from attncc.compiler import Backend, keeping_last_report, trace_once
+from attncc import decode
 from attncc.errors import AttnccError
 from attncc.passes.model import remember
 from attncc.passes.residual import DEFAULT_EPS, StreamNeeds, attnres_anchor, discovering
@@ -158,6 +159,9 @@ def _install_anchor(model: nn.Module, path: str, container: AttnResParameters) -
     owner.register_forward_pre_hook(Anchor(container))
 
 
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # generate's name for the cache: transformers >= 5.24, before
+
+
 class Compiled:
     """What attncc.compile returns: torch.compile's module, whose first call prepares the model.
 
@@ -171,6 +175,7 @@ class Compiled:
         self._attncc_compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
         self._attncc_kwargs = torch_compile_kwargs
         self._attncc_forward: Any = None
+        self.state_decode = ""  # whether the last generate decoded from recurrent states, and why not
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._prepare(args, kwargs)
@@ -182,6 +187,11 @@ class Compiled:
         generate calls `model.forward` directly, not the module: for the call, the model's `forward`
         is torch.compile(model.forward, backend=attncc's backend), the recipe transformers documents
         for compiled generation. The prefill and decode graphs both appear in the backend's report.
+
+        When every attention layer gets `linear` or `mala` and the caller passes no cache, generate
+        carries an attncc.decode StateCache: each layer keeps O(d²) numbers per head instead of every
+        key and value, and a decode step costs the same at any length. `self.state_decode` says
+        whether the last call did, and why not.
         """
         model = self._attncc_compiled._orig_mod
         ids = args[0] if args else kwargs.get("input_ids")
@@ -189,11 +199,24 @@ class Compiled:
                                                if kwargs.get("attention_mask") is not None else {})})
         if self._attncc_forward is None:
             self._attncc_forward = torch.compile(model.forward, backend=self._attncc_backend, **self._attncc_kwargs)
+        cache = None
+        chosen = any(kwargs.get(name) is not None for name in (*CACHE_ARGUMENTS, "cache_implementation")) or \
+            getattr(getattr(model, "generation_config", None), "cache_implementation", None) is not None
+        self.state_decode = "the caller chose the cache (cache, past_key_values, cache_implementation or use_cache)"
+        if not chosen and kwargs.get("use_cache", True) is not False:
+            cache, why = decode.state_cache(model, self._attncc_backend.policy, self._attncc_backend.options.kernels)
+            self.state_decode = why or "every attention layer decodes from its recurrent state"
         own = model.__dict__.get("forward")
         model.forward = self._attncc_forward
+        implementation = model.config._attn_implementation
         try:
+            if cache is not None:
+                kwargs[decode.cache_argument(model)] = cache
+                model.set_attn_implementation(decode.IMPLEMENTATION)
             return model.generate(*args, **kwargs)
         finally:
+            if cache is not None:
+                model.set_attn_implementation(implementation)
             if own is None:
                 del model.forward
             else:

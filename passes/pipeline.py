@@ -8,7 +8,9 @@
     choose_variants       apply the policy (first matching rule wins); needs layers and modules from matching
     find_residual         match each sublayer's residual add (pre-/post-norm); names it by its attention/MLP site
     rewrite_attention     replace chosen sites with their variant's op; refused sites stay unchanged
-    rewrite_residual      residual adds become AttnRes aggregations (policy `residual`); last, as it rewires the stream
+    rewrite_residual      residual adds become AttnRes aggregations (policy `residual`); it rewires the stream
+    find_state_sites      report the recurrent-state ops a StateCache generate emits (attncc.decode); last, as
+                          they are no pattern and nothing before needs them
 
 The rewritten graph then goes to the inner compiler (Inductor by default). With debug on
 (`attncc.backend(..., debug=True)` or ATTNCC_DEBUG=1), each pass's graph is dumped before and after
@@ -29,6 +31,7 @@ from .attention import choose_variants, classify_masks, find_attention, rewrite_
 from .canonicalize import canonicalize
 from .decompose import decompose
 from .residual import find_residual, rewrite_residual
+from .state import find_state_sites
 from .context import Context
 
 
@@ -60,6 +63,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("find_residual", find_residual, "needs the attention sites; after the passes that treat every site as attention"),
     Pass("rewrite_attention", rewrite_attention, "replace chosen sites; refused sites stay unchanged"),
     Pass("rewrite_residual", rewrite_residual, "rewire the stream last: attention rewrites only touch sublayer interiors"),
+    Pass("find_state_sites", find_state_sites, "state ops are attncc's already: reported, not matched"),
 )
 
 

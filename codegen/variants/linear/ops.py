@@ -16,6 +16,8 @@ from attncc.codegen import emit
 
 from ..base import reference_op
 from . import chunked
+from .reference import causal_scan as _scan
+from .reference import feature_dim
 from .reference import linear_attention as _linear
 
 
@@ -115,3 +117,52 @@ def _chunked_backward(ctx, do, dden, ds, dz):
 
 
 linear_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)
+
+
+# --- the recurrent form (decode from a cache of state, attncc/decode.py) ----------------------------
+
+def state_kernel(q, k, v, kernels: str) -> str | None:
+    """Why the chunked kernels cannot run a recurrent step or prefill on these tensors (None: they can)."""
+    if kernels == "reference" or (kernels == "auto" and not q.is_cuda):
+        return "reference"
+    return chunked.supports(q.shape[-1], v.shape[-1], q.dtype, "elu1")
+
+
+def _per_query_head(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+@torch.library.custom_op("attncc::linear_state", mutates_args=())
+def linear_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
+                 decay: torch.Tensor | None, s: torch.Tensor | None, z: torch.Tensor | None, feature_map: str,
+                 normalize: bool, eps: float, kernels: str, site: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, S, z): causal linear attention of the queries aligned with k, v, continuing the state (S, z)
+    of every earlier key (None: none), and the state after the last key. S [B, H, F, Dv], z [B, H, F, 1],
+    float32, per query head (reference.causal_scan). Inference only: no backward."""
+    heads = q.shape[1]
+    why = state_kernel(q, k, v, kernels) or (None if feature_map in chunked.FEATURE_MAPS else
+                                             f"feature map {feature_map} has no kernel")
+    if why is None:
+        emit.ran(site, kernel_spec(q, k, causal=True, feature_map=feature_map, normalize=normalize,
+                                   decay="none" if decay is None else "rates", padded=key_padding is not None).name
+                 + " (state in, state out)")
+        state = None
+        if s is not None:
+            group = heads // (heads if decay is not None else k.shape[1])
+            state = (s[:, ::group].contiguous(), z[:, ::group, :, 0].contiguous())
+        o, _, _, (s, z) = chunked.linear_fwd(q, k, v, key_padding=key_padding, decay=decay, causal=True,
+                                             feature_map=feature_map, normalize=normalize, eps=eps,
+                                             initial_state=state)
+        return o, _per_query_head(s, heads), _per_query_head(z, heads).unsqueeze(-1)
+    emit.ran(site, "reference recurrent form" + ("" if why == "reference" else f" ({why})"))
+    o, (s, z) = _scan(q, k, v, None if s is None else (s, z), feature_map=feature_map, normalize=normalize,
+                      decay=decay, eps=eps, key_padding=key_padding)
+    return o.contiguous(), s.contiguous(), z.contiguous()
+
+
+@linear_state.register_fake
+def _(q, k, v, key_padding, decay, s, z, feature_map, normalize, eps, kernels, site):
+    B, H, _, D = q.shape
+    F = feature_dim(feature_map, D)
+    return (q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty((B, H, F, v.shape[-1]), dtype=torch.float32),
+            q.new_empty((B, H, F, 1), dtype=torch.float32))

@@ -44,6 +44,11 @@ def _taylor2(x: Tensor) -> Tensor:
 _FEATURE_MAPS = {"elu1": _elu1, "relu": F.relu, "identity": _identity, "taylor2": _taylor2}
 
 
+def feature_dim(name: str, head_dim: int) -> int:
+    """The size of φ(x) for x of size head_dim."""
+    return 1 + head_dim + head_dim**2 if name == "taylor2" else head_dim
+
+
 def feature_map(x: Tensor, name: str) -> Tensor:
     """Apply the feature map ``name`` row-wise over the last axis.
 
@@ -124,7 +129,7 @@ def linear_attention(
     if causal and q.shape[-2] != k.shape[-2]:
         out = _causal_at_end(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps)
     elif causal:
-        out = _causal_chunked(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps, chunk)
+        out, _ = _causal_chunked(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps, chunk)
     else:
         out = _bidirectional(q, k, v, normalize, eps)
     return out.to(out_dtype)
@@ -171,17 +176,48 @@ def _causal_at_end(q: Tensor, k: Tensor, v: Tensor, rates: Tensor, normalize: bo
     return num / (scores.sum(dim=-1, keepdim=True) + eps)
 
 
+def causal_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: tuple[Tensor, Tensor] | None,
+    *,
+    feature_map: str = "elu1",
+    normalize: bool = True,
+    decay: Tensor | None = None,
+    eps: float = 1e-6,
+    key_padding: Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """Causal linear attention of queries aligned with their keys, continuing the sums of every
+    earlier key: the recurrent form a decode step runs (and, from state None, a whole prefill).
+
+    state is (S [B, H, F, Dv], z [B, H, F, 1]) float32: S = Σ_{s<t0} λ^{t0-1-s} φ(k_s) v_sᵀ, z the same
+    sum of φ(k_s), over every key before this block (t0 its first position), per query head; None =
+    no earlier key. Returns (out [B, H, T, Dv] in q's dtype, the state after the block's last key).
+    Chained over consecutive blocks it equals ``linear_attention`` over the whole sequence.
+    """
+    phi = _FEATURE_MAPS[feature_map]
+    out_dtype = q.dtype
+    q, k, v = prepare_qkv(q, k, v, key_padding)
+    q, k = phi(q), phi(k)
+    if key_padding is not None:
+        k = k * key_padding[:, None, :, None]
+    out, state = _causal_chunked(q, k, v, _rates(decay, q.shape[1], q.device), normalize, eps, chunk, state)
+    return out.to(out_dtype), state
+
+
 def _causal_chunked(
-    q: Tensor, k: Tensor, v: Tensor, rates: Tensor, normalize: bool, eps: float, chunk: int
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, rates: Tensor, normalize: bool, eps: float, chunk: int,
+    state: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """§2.4 chunked form with §4.5's decay split, 0-indexed offsets r, c inside a chunk of length n:
         O = [(Q Kᵀ) ⊙ M] V + diag(λ^{r+1}) Q KV,  M_rc = λ^{r−c} (r >= c) else 0,
         KV <- λ^n KV + (diag(λ^{n−1−r}) K)ᵀ V,
     and the same recursion for the normalizer with V replaced by ones."""
     B, H, T, features = q.shape
     s = rates.view(1, H, 1, 1)
-    kv = q.new_zeros(B, H, features, v.shape[-1])
-    kz = q.new_zeros(B, H, features, 1)
+    kv, kz = state if state is not None else (q.new_zeros(B, H, features, v.shape[-1]), q.new_zeros(B, H, features, 1))
     outs = []
     for start in range(0, T, chunk):
         rows = slice(start, start + chunk)
@@ -201,4 +237,4 @@ def _causal_chunked(
         outs.append(num)
         kv = chunk_decay * kv + (k_decay * kc).mT @ vc
         kz = chunk_decay * kz + (k_decay * kc).sum(dim=-2).unsqueeze(-1)
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2), (kv, kz)

@@ -55,18 +55,49 @@ def mala_attention(
     if causal and q.shape[-2] != k.shape[-2]:
         qkv, qk, v_sum, count = _causal_sums_at_end(q, k, v, v_valid, valid)
     elif causal:
-        qkv, qk, v_sum, count = _causal_sums(q, k, v, v_valid, valid, chunk)
+        (qkv, qk, v_sum, count), _ = _causal_sums(q, k, v, v_valid, valid, chunk)
     else:
         qkv = q @ (k.mT @ v)
         qk = q @ k.sum(dim=-2).unsqueeze(-1)
         v_sum = v_valid.sum(dim=-2, keepdim=True)
         count = valid.sum(dim=-2, keepdim=True)
+    return _combine(qkv, qk, v_sum, count, s, eps).to(out_dtype)
+
+
+def causal_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: tuple[Tensor, ...] | None,
+    *,
+    sim_scale: float | None = None,
+    key_padding: Tensor | None = None,
+    eps: float = 1e-6,
+    chunk: int = 64,
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Causal MALA of queries aligned with their keys, continuing the sums of every earlier key: the
+    recurrent form a decode step runs (from state None, a whole prefill).
+
+    state is (Σ φ(k) vᵀ [B, H, D, Dv], Σ φ(k) [B, H, 1, D], Σ v [B, H, 1, Dv], valid-key count
+    [B, 1, 1, 1]) float32 over every key before this block; None = no earlier key. Returns (out, the
+    state after the block). Chained over consecutive blocks it equals ``mala_attention``.
+    """
+    out_dtype = q.dtype
+    s = q.shape[-1] ** -0.5 if sim_scale is None else sim_scale
+    q, k, v = prepare_qkv(q, k, v, key_padding)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    valid = q.new_ones(1, 1, k.shape[-2], 1) if key_padding is None else key_padding[:, None, :, None].float()
+    (qkv, qk, v_sum, count), state = _causal_sums(q, k * valid, v, v * valid, valid, chunk, state)
+    return _combine(qkv, qk, v_sum, count, s, eps).to(out_dtype), state
+
+
+def _combine(qkv: Tensor, qk: Tensor, v_sum: Tensor, count: Tensor, s: float, eps: float) -> Tensor:
     count = count.clamp(min=1)
     c = s / count
     z = c * qk
     beta = 1 + 1 / (z + eps)
     gamma = z / count
-    return (beta * c * qkv - gamma * v_sum).to(out_dtype)
+    return beta * c * qkv - gamma * v_sum
 
 
 def _causal_sums_at_end(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor):
@@ -79,14 +110,16 @@ def _causal_sums_at_end(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid:
     return scores @ v, scores.sum(dim=-1, keepdim=True), allowed @ v_valid, allowed @ valid
 
 
-def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor, chunk: int):
+def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor, chunk: int,
+                 state: tuple[Tensor, ...] | None = None):
     """Per query row i, by chunks: φ(q_i)ᵀ Σ_{j≤i} φ(k_j) v_jᵀ, φ(q_i)·Σ_{j≤i} φ(k_j),
-    Σ_{j≤i} v_j and the valid-key count (k and v_valid are already zeroed at padded keys)."""
+    Σ_{j≤i} v_j and the valid-key count (k and v_valid are already zeroed at padded keys), each sum
+    starting from `state` (the sums before the first row); and the sums after the last row."""
     B, H, T, D = q.shape
-    kv = q.new_zeros(B, H, D, v.shape[-1])
-    k_sum = q.new_zeros(B, H, 1, D)
-    v_sum = q.new_zeros(B, H, 1, v.shape[-1])
-    count = q.new_zeros(valid.shape[0], 1, 1, 1)
+    if state is None:
+        state = (q.new_zeros(B, H, D, v.shape[-1]), q.new_zeros(B, H, 1, D), q.new_zeros(B, H, 1, v.shape[-1]),
+                 q.new_zeros(valid.shape[0], 1, 1, 1))
+    kv, k_sum, v_sum, count = state
     qkv, qk, v_sums, counts = [], [], [], []
     for start in range(0, T, chunk):
         rows = slice(start, start + chunk)
@@ -101,4 +134,5 @@ def _causal_sums(q: Tensor, k: Tensor, v: Tensor, v_valid: Tensor, valid: Tensor
         k_sum = k_sum + kc.sum(dim=-2, keepdim=True)
         v_sum = v_sum + vc_valid.sum(dim=-2, keepdim=True)
         count = count + valid_c.sum(dim=-2, keepdim=True)
-    return torch.cat(qkv, dim=2), torch.cat(qk, dim=2), torch.cat(v_sums, dim=2), torch.cat(counts, dim=2)
+    sums = torch.cat(qkv, dim=2), torch.cat(qk, dim=2), torch.cat(v_sums, dim=2), torch.cat(counts, dim=2)
+    return sums, (kv, k_sum, v_sum, count)

@@ -1,0 +1,215 @@
+"""Decode from a recurrent state: a transformers `Cache` whose layers hold what linear attention and
+MALA need of every earlier token (O(d²) numbers per head), instead of every key and value.
+
+    compiled = attncc.compile(model, {"attention": "linear"})
+    compiled.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # uses a StateCache
+
+`Compiled.generate` builds a `StateCache` when every attention layer of the model gets `linear` or
+`mala` (`state_cache` says why not, otherwise: the usual KV cache then serves, through the graph
+rewrite). For that call the model's attention implementation is attncc's (registered with
+transformers' AttentionInterface): the prefill writes each layer's state, each decode step reads and
+advances it. Both run as one op per layer (attncc::linear_state, attncc::mala_state), which the
+compile pipeline reports as a site with what it ran.
+
+How the state reaches the attention function: transformers' attention modules call
+`cache.update(k, v, layer_idx, kwargs=kwargs)` with the keyword arguments they then pass to the
+attention function; the layer's `update` adds itself to them as `attncc_state`. A model that does not
+pass them gets a clear error, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from attncc.codegen.variants.linear.ops import linear_state
+from attncc.codegen.variants.linear.reference import constant_decay_rates, lightning_decay_rates
+from attncc.codegen.variants.mala.ops import mala_state
+from attncc.errors import AttnccError
+from attncc.passes.model import cache_window
+from attncc.policy import Policy
+
+IMPLEMENTATION = "attncc_state"  # the attention implementation name registered with transformers
+STATE_VARIANTS = ("linear", "mala")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one attention layer computes: its variant and the constants the state ops take."""
+
+    module: str
+    layer: int
+    variant: str
+    constants: dict[str, Any] = field(default_factory=dict)
+
+
+def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
+    """One Plan per attention layer of a transformers model (modules with a `layer_idx`), in layer
+    order, and None; or [] and the reason the model cannot decode from a state."""
+    attention = [(path, m) for path, m in model.named_modules()
+                 if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")]
+    if not attention:
+        return [], "no attention module with a layer_idx (a transformers decoder) was found"
+    count = len({m.layer_idx for _, m in attention})
+    if count != len(attention):
+        return [], "several attention modules share a layer index (cross-attention?)"
+    if policy.residual.variant != "keep":
+        return [], ("the AttnRes residual rewrite finds the stream through the attention sites it matches, and "
+                    "a state decode step has none")
+    config = getattr(model, "config", None)
+    heads = getattr(getattr(config, "get_text_config", lambda: config)(), "num_attention_heads", None)
+    out = []
+    for path, module in sorted(attention, key=lambda item: item[1].layer_idx):
+        variant, _ = policy.choose(path, module.layer_idx)
+        if variant.variant not in STATE_VARIANTS:
+            return [], f"{path} gets {variant.variant}, which decodes from its KV cache (state: {', '.join(STATE_VARIANTS)})"
+        if getattr(module, "is_causal", True) is not True:
+            return [], f"{path} is not causal"
+        if cache_window(model, module.layer_idx) is not None:
+            return [], f"{path} attends within the model's own sliding window, which {variant.variant} cannot serve"
+        if variant.variant == "mala":
+            out.append(Plan(path, module.layer_idx, "mala", {"sim_scale": variant.sim_scale}))
+            continue
+        rates = None
+        if variant.decay != "none":
+            if heads is None:
+                return [], "linear decay needs the model config's num_attention_heads"
+            rates = (lightning_decay_rates(heads, module.layer_idx, count) if variant.decay == "lightning"
+                     else constant_decay_rates(heads, float(variant.decay)))
+        out.append(Plan(path, module.layer_idx, "linear", {
+            "feature_map": variant.feature_map, "normalize": variant.normalize, "eps": variant.eps,
+            "decay": None if rates is None else tuple(float(r) for r in rates)}))
+    return out, None
+
+
+def _cache_classes():
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    class StateLayer(CacheLayerMixin):
+        """One attention layer's recurrent state (None before the prefill) and how many tokens it has seen."""
+
+        is_sliding = False
+        is_compileable = False
+        is_croppable = False
+
+        def __init__(self, plan: Plan, kernels: str):
+            super().__init__()
+            self.plan, self.kernels = plan, kernels
+            self.state: tuple[torch.Tensor, ...] | None = None
+            self.seen = 0
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            attention_kwargs = kwargs.get("kwargs")
+            if not isinstance(attention_kwargs, dict):
+                raise AttnccError(
+                    f"{self.plan.module}: this model's attention calls cache.update without its attention keyword "
+                    "arguments (transformers >= 5 passes kwargs=kwargs), so attncc's state cache cannot reach "
+                    "the attention function; generate with past_key_values=DynamicCache() instead")
+            self.is_initialized = True
+            attention_kwargs["attncc_state"] = self
+            return key_states, value_states
+
+        def attend(self, q, k, v, key_padding):
+            """The variant's output for q over k, v and every earlier token; advances the state."""
+            p, c = self.plan, self.plan.constants
+            if p.variant == "linear":
+                decay = None if c["decay"] is None else torch.tensor(c["decay"], dtype=torch.float32, device=q.device)
+                s, z = self.state if self.state is not None else (None, None)
+                o, s, z = linear_state(q, k, v, key_padding, decay, s, z, c["feature_map"], c["normalize"], c["eps"],
+                                       self.kernels, p.module)
+                self.state = (s, z)
+            else:
+                state = self.state if self.state is not None else (None,) * 4
+                o, *state = mala_state(q, k, v, key_padding, *state, c["sim_scale"], self.kernels, p.module)
+                self.state = tuple(state)
+            self.seen = self.seen + q.shape[-2]
+            return o
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return query_length, self.seen
+
+        def get_seq_length(self) -> int:
+            return self.seen
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def numel(self) -> int:
+            return sum(t.numel() for t in self.state or ())
+
+        def reset(self) -> None:
+            self.state, self.seen = None, 0
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            if self.state is not None:
+                self.state = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.state)
+
+    class StateCache(Cache):
+        """A transformers Cache of recurrent states, one StateLayer per attention layer (attncc.decode)."""
+
+        def __init__(self, layer_plans: list[Plan], kernels: str = "auto"):
+            super().__init__(layers=[StateLayer(p, kernels) for p in layer_plans])
+
+        def numel(self) -> int:
+            """How many numbers the cache holds: O(layers·heads·d²), whatever the length."""
+            return sum(layer.numel() for layer in self.layers)
+
+    return StateLayer, StateCache
+
+
+_CLASSES: tuple[type, type] | None = None
+
+
+def classes() -> tuple[type, type]:
+    """(StateLayer, StateCache), built on first use: transformers is imported only when needed."""
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _cache_classes()
+        _register()
+    return _CLASSES
+
+
+def state_cache(model: nn.Module, policy: Policy, kernels: str = "auto") -> tuple[Any, str | None]:
+    """(a StateCache for `model` under `policy`, None), or (None, why the model cannot decode from one)."""
+    layer_plans, why = plans(model, policy)
+    if why:
+        return None, why
+    return classes()[1](layer_plans, kernels), None
+
+
+def cache_argument(model: nn.Module) -> str:
+    """generate's keyword for the cache: `cache` where the model's forward takes it (transformers >= 5.24),
+    else `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+              attncc_state: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature: the layer's state op over the new tokens."""
+    if attncc_state is None:
+        raise AttnccError(f"attention implementation {IMPLEMENTATION!r} needs attncc's StateCache as the cache "
+                          "(attncc.compile(model, policy).generate builds it)")
+    key_padding = None
+    if attention_mask is not None:  # [B, 1, Tq, Tk]: the last query row sees every earlier valid key
+        last = attention_mask[:, 0, -1, :]
+        key_padding = last if last.dtype == torch.bool else last == 0
+        key_padding = key_padding.expand(query.shape[0], -1).contiguous()
+    out = attncc_state.attend(query, key, value, key_padding)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPLEMENTATION, attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
