@@ -1,0 +1,114 @@
+"""GPU benchmark: generation after a long prompt. Time to first token and decode tokens/s of the 853M
+Llama of bench_model.py (as LlamaForCausalLM, bf16, random init), greedy, against transformers' eager
+generate (SDPA, DynamicCache) and its compiled static-cache generate.
+
+    python bench/bench_decode.py [--prompt 32768] [--batches 1 16] [--new 64] [--no-static]
+
+Columns: eager generate; static cache + torch.compile(model.forward) (transformers' recipe for
+compiled generation); attncc `linear` (generate carries a StateCache: each layer keeps its recurrent
+state, O(d²) per head); attncc `sparse` sliding window(1024) + 4 sinks (DynamicCache; each decode step
+reads the window and the sinks). Decode tokens/s = batch · (new - 1) / (t(new tokens) - t(1 token)),
+each a whole generate call after a warm-up call that compiles every graph. Prints a markdown table
+last; writes it to $OUT/bench_decode.md when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import time
+import warnings
+
+import torch
+
+import attncc
+
+
+def build(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=131072,
+                      attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+
+
+def timed(generate, ids, mask, new: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(generate, ids, mask, new: int) -> tuple[float, float]:
+    """(time to first token in ms, decode tokens/s), after a warm-up that compiles every graph."""
+    generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    first = min(timed(generate, ids, mask, 1) for _ in range(2))
+    whole = min(timed(generate, ids, mask, new) for _ in range(2))
+    return first * 1e3, ids.shape[0] * (new - 1) / (whole - first)
+
+
+def static_generate(model):
+    compiled = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+
+    def generate(ids, **kwargs):
+        own = model.__dict__.get("forward")
+        model.forward = compiled
+        try:
+            return model.generate(ids, cache_implementation="static", **kwargs)
+        finally:
+            if own is None:
+                del model.forward
+            else:
+                model.forward = own
+
+    return generate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--no-static", action="store_true", help="skip the static-cache compiled anchor")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build(args.layers)
+    columns = {"eager": lambda: model.generate}
+    if not args.no_static:
+        columns["static+compile"] = lambda: static_generate(model)
+    columns["attncc linear"] = lambda: attncc.compile(model, {"attention": "linear"}).generate
+    columns["attncc window(1024)+4"] = lambda: attncc.compile(
+        model, {"attention": {"variant": "sparse", "pattern": "sliding_window", "window": 1024, "sinks": 4}}).generate
+    rows = []
+    for batch in args.batches:
+        ids = torch.randint(3, 32000, (batch, args.prompt), device="cuda", generator=None)
+        mask = torch.ones_like(ids)
+        results = {}
+        for name, make in columns.items():
+            torch._dynamo.reset()
+            try:
+                results[name] = measure(make(), ids, mask, args.new)
+            except Exception as error:  # an anchor that cannot run this shape is reported, not fatal
+                results[name] = (float("nan"), float("nan"))
+                print(f"{name} B={batch}: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            print(f"B={batch} {name}: TTFT {results[name][0]:.1f} ms, decode {results[name][1]:.1f} tok/s", flush=True)
+            torch.cuda.empty_cache()
+        eager_tps = results["eager"][1]
+        for name, (ttft, tps) in results.items():
+            rows.append(f"| {batch} | {name} | {ttft:.1f} | {tps:.1f} | {tps / eager_tps:.2f}x |")
+    table = "\n".join([f"prompt {args.prompt} tokens, {args.new} new tokens, greedy, bf16, {torch.cuda.get_device_name()}",
+                       "", "| batch | generate | time to first token (ms) | decode tokens/s | vs eager |",
+                       "|---|---|---|---|---|", *rows])
+    print(table)
+    if os.environ.get("OUT"):
+        pathlib.Path(os.environ["OUT"], "bench_decode.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
