@@ -11,10 +11,10 @@ transformers' AttentionInterface): the prefill writes each layer's state, each d
 advances it. Both run as one op per layer (attncc::linear_state, attncc::mala_state), which the
 compile pipeline reports as a site with what it ran.
 
-How the state reaches the attention function: transformers' attention modules call
-`cache.update(k, v, layer_idx, kwargs=kwargs)` with the keyword arguments they then pass to the
-attention function; the layer's `update` adds itself to them as `attncc_state`. A model that does not
-pass them gets a clear error, never a silent fallback.
+How the state reaches the attention function: each attention module holds its layer's StateLayer as
+the attribute `attncc_state` (the cache holds the same objects), and the attention function, which
+transformers calls with the module, reads it there. The cache's `update` hands the new keys and values
+through unchanged; `attend` folds them into the state.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from attncc.passes.model import cache_window
 from attncc.policy import Policy
 
 IMPLEMENTATION = "attncc_state"  # the attention implementation name registered with transformers
+ATTRIBUTE = "attncc_state"  # each attention module's StateLayer
 STATE_VARIANTS = ("linear", "mala")
 
 
@@ -105,14 +106,9 @@ def _cache_classes():
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
-            attention_kwargs = kwargs.get("kwargs")
-            if not isinstance(attention_kwargs, dict):
-                raise AttnccError(
-                    f"{self.plan.module}: this model's attention calls cache.update without its attention keyword "
-                    "arguments (transformers >= 5 passes kwargs=kwargs), so attncc's state cache cannot reach "
-                    "the attention function; generate with past_key_values=DynamicCache() instead")
+            """The new keys and values go to the attention function as they are: it folds them into the
+            state (`attend`)."""
             self.is_initialized = True
-            attention_kwargs["attncc_state"] = self
             return key_states, value_states
 
         def attend(self, q, k, v, key_padding):
@@ -131,7 +127,11 @@ def _cache_classes():
             self.seen = self.seen + q.shape[-2]
             return o
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+            """The mask covers the new tokens only (earlier ones are in the state). transformers before
+            5.x passes the cache positions instead of their count."""
+            if isinstance(query_length, torch.Tensor):
+                query_length = query_length.shape[0]
             return query_length, self.seen
 
         def get_seq_length(self) -> int:
@@ -153,8 +153,8 @@ def _cache_classes():
     class StateCache(Cache):
         """A transformers Cache of recurrent states, one StateLayer per attention layer (attncc.decode)."""
 
-        def __init__(self, layer_plans: list[Plan], kernels: str = "auto"):
-            super().__init__(layers=[StateLayer(p, kernels) for p in layer_plans])
+        def __init__(self, layers: list[StateLayer]):
+            super().__init__(layers=layers)
 
         def numel(self) -> int:
             """How many numbers the cache holds: O(layers·heads·d²), whatever the length."""
@@ -176,11 +176,26 @@ def classes() -> tuple[type, type]:
 
 
 def state_cache(model: nn.Module, policy: Policy, kernels: str = "auto") -> tuple[Any, str | None]:
-    """(a StateCache for `model` under `policy`, None), or (None, why the model cannot decode from one)."""
+    """(a StateCache for `model` under `policy`, None), or (None, why the model cannot decode from one).
+
+    Each attention module keeps its StateLayer (attribute `attncc_state`), which the attention function
+    reads: the layer objects stay the same from one generate to the next, so compiled graphs are reused
+    (dynamo guards on the objects a graph reads), and a new cache resets them. One generate at a time
+    per model: a new StateCache for the model empties the previous one."""
     layer_plans, why = plans(model, policy)
     if why:
         return None, why
-    return classes()[1](layer_plans, kernels), None
+    state_layer, cache = classes()
+    layers = []
+    for plan in layer_plans:
+        module = model.get_submodule(plan.module)
+        layer = module.__dict__.get(ATTRIBUTE)
+        if not isinstance(layer, state_layer) or layer.plan != plan or layer.kernels != kernels:
+            layer = state_layer(plan, kernels)
+            object.__setattr__(module, ATTRIBUTE, layer)  # not a submodule or a parameter: a plain attribute
+        layer.reset()
+        layers.append(layer)
+    return cache(layers), None
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -193,17 +208,18 @@ def cache_argument(model: nn.Module) -> str:
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-              attncc_state: Any = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+              **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: the layer's state op over the new tokens."""
-    if attncc_state is None:
+    state = module.__dict__.get(ATTRIBUTE)
+    if state is None:
         raise AttnccError(f"attention implementation {IMPLEMENTATION!r} needs attncc's StateCache as the cache "
-                          "(attncc.compile(model, policy).generate builds it)")
+                          "(attncc.compile(model, policy).generate builds it; or attncc.decode.state_cache)")
     key_padding = None
     if attention_mask is not None:  # [B, 1, Tq, Tk]: the last query row sees every earlier valid key
         last = attention_mask[:, 0, -1, :]
         key_padding = last if last.dtype == torch.bool else last == 0
         key_padding = key_padding.expand(query.shape[0], -1).contiguous()
-    out = attncc_state.attend(query, key, value, key_padding)
+    out = state.attend(query, key, value, key_padding)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -411,3 +411,20 @@ def test_gpu_state_decode_runs_the_kernels(variant):
     *_, sites = _generate_matches_the_no_cache_loop("llama_d16", variant, device="cuda", tolerance=(2e-3, 2e-3))
     ran = {s.kernel or "" for s in sites}
     assert ran and all("linear_chunked" in k for k in ran), ran
+
+
+def test_a_second_generate_starts_from_an_empty_state_and_reuses_the_graphs():
+    """Each generate resets the model's state layers: the same prompt gives the same tokens, and no new
+    graph is compiled (the layers the graphs read are the same objects)."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids, mask = _prompts()
+    be = attncc.backend({"attention": "linear"}, inner="aot_eager")
+    compiled = attncc.compile(model, be)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = compiled.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        graphs = len(be.reports)
+        second = compiled.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert second.tolist() == first.tolist()
+    assert len(be.reports) == graphs, be.report
