@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
-#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|model|model_linear|model_softplus|model_mask|decode|all
+#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|model|model_linear|model_softplus|model_mask|decode|profile_decode|all
 # attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
 # checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
@@ -48,6 +48,9 @@ if [ "$what" = model_linear ]; then
 fi
 if [ "$what" = model_mask ]; then
     python "$REPO/bench/bench_model.py" --sizes 8192 32768 --mask 2>&1 | tee "$OUT/bench_model_mask.log" | tail -12
+fi
+if [ "$what" = profile_decode ]; then  # where a decode step's time goes (bench/profile_decode.py)
+    (cd "$REPO/bench" && python profile_decode.py ${PROFILE_ARGS:-}) 2>&1 | tee "$OUT/profile_decode.log" | tail -8
 fi
 if [ "$what" = decode ]; then  # generation after a long prompt: the generate GPU tests, then tokens/s
     python -m pytest -q -m gpu "$REPO/tests/test_generate.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_generate.log" | tail -8 || status=1
