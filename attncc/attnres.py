@@ -190,8 +190,9 @@ class Compiled:
 
         When every attention layer gets `linear` or `mala` and the caller passes no cache, generate
         carries an attncc.decode StateCache: each layer keeps O(d²) numbers per head instead of every
-        key and value, and a decode step costs the same at any length. `self.state_decode` says
-        whether the last call did, and why not.
+        key and value, and a decode step costs the same at any length; on the GPU with Inductor, a decode
+        step's graph runs as a CUDA graph (backend option cudagraphs). `self.state_decode` says whether
+        the last call decoded from states, and why not.
         """
         model = self._attncc_compiled._orig_mod
         ids = args[0] if args else kwargs.get("input_ids")
@@ -207,7 +208,7 @@ class Compiled:
             cache, why = decode.state_cache(model, self._attncc_backend.policy, self._attncc_backend.options.kernels)
             self.state_decode = why or "every attention layer decodes from its recurrent state"
         own = model.__dict__.get("forward")
-        model.forward = self._attncc_forward
+        model.forward = self._attncc_forward if cache is None else decode.managed_forward(self._attncc_forward, cache)
         implementation = model.config._attn_implementation
         try:
             if cache is not None:

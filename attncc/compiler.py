@@ -30,7 +30,8 @@ from attncc.report import Report
 log = logging.getLogger("attncc")
 
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
-OPTION_KEYS = ("policy", "inner", "kernels", "verify", "debug", "mask_modules")
+OPTION_KEYS = ("policy", "inner", "kernels", "verify", "debug", "mask_modules", "cudagraphs")
+CUDAGRAPH_CHOICES = ("decode", "never")
 FUNCTION_PRESERVING = {"softmax"}  # variants whose rewrite computes what the original graph computes
 
 
@@ -42,7 +43,7 @@ class Backend:
 
     def __init__(self, policy: Policy | dict | str | None = None, *, inner: str = "inductor",
                  kernels: str = "auto", verify: bool = False, debug: bool = False,
-                 mask_modules: Iterable[str] = ()):
+                 mask_modules: Iterable[str] = (), cudagraphs: str = "decode"):
         self.policy = load_policy(policy if policy is not None else {"attention": "keep"})
         if isinstance(mask_modules, str) or not all(isinstance(m, str) for m in mask_modules):
             raise ValueError(f"mask_modules={mask_modules!r}: expected a list of module names, e.g. ['my_pkg.masks']")
@@ -58,10 +59,13 @@ class Backend:
             raise ValueError(f"kernels={kernels!r}; valid: {', '.join(KERNEL_CHOICES)}")
         if kernels == "triton":
             _check_triton_can_run()
+        if cudagraphs not in CUDAGRAPH_CHOICES:
+            raise ValueError(f"cudagraphs={cudagraphs!r}; valid: {', '.join(CUDAGRAPH_CHOICES)}")
         for name, value in (("verify", verify), ("debug", debug)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r}: expected a bool (True or False), got {type(value).__name__}")
-        self.options = Options(inner=inner, kernels=kernels, verify=verify, debug=debug, mask_modules=mask_modules)
+        self.options = Options(inner=inner, kernels=kernels, verify=verify, debug=debug, mask_modules=mask_modules,
+                               cudagraphs=cudagraphs)
         self.reports: list[Report] = []  # one per compiled graph, recompiles included
 
     @property
@@ -98,7 +102,12 @@ class Backend:
         if not ctx.report.count("rewritten"):
             # nothing rewritten: the inner compiler gets dynamo's graph, so `keep` is plain torch.compile
             return _marking_run(_inner_compile(self.options.inner, original, example_inputs), ctx.report)
-        compiled = _inner_compile(self.options.inner, gm, example_inputs)
+        cudagraphs = (self.options.cudagraphs == "decode" and ctx.decode_step and self.options.inner == "inductor"
+                      and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs))
+        compiled = _inner_compile(self.options.inner, gm, example_inputs, cudagraphs=cudagraphs, report=ctx.report)
+        for site in ctx.report.attention() if ctx.report.cudagraph else ():
+            site.reason += f"; the graph runs as a {ctx.report.cudagraph}" if ctx.report.cudagraph.startswith("CUDA") \
+                else f"; CUDA graph {ctx.report.cudagraph}"
         if self.options.verify:
             changed = sorted({s.variant for s in ctx.report.sites if s.status == "rewritten"} - FUNCTION_PRESERVING)
             if not changed:
@@ -115,7 +124,8 @@ class Backend:
 def backend(policy: Policy | dict | str | None = None, **options: Any) -> Backend:
     """Build the backend. Options: inner (inductor | aot_eager | eager), kernels (auto | triton |
     reference), verify (check rewritten sites against the original graph on the first call), debug,
-    mask_modules (the modules a policy's block masks may be imported from; none by default)."""
+    mask_modules (the modules a policy's block masks may be imported from; none by default), cudagraphs
+    (decode: the graph of a StateCache decode step runs as a CUDA graph, with Inductor on the GPU; never)."""
     _check_option_keys(options, allow_policy=False)
     return Backend(policy, **options)
 
@@ -193,16 +203,27 @@ def _check_triton_can_run() -> None:
     )
 
 
-def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any], cudagraphs: bool = False,
+                   report: Report | None = None) -> Callable:
+    """The inner compiler's callable. With `cudagraphs` (Inductor only), the graph runs through Inductor's
+    CUDA graph trees, and `report.cudagraph` says whether Inductor took it or skipped it."""
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    if not cudagraphs:
+        return compile_fx(gm, example_inputs)
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled = compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
+    if report is not None:
+        report.cudagraph = ("skipped by Inductor (TORCH_LOGS=perf_hints says why)"
+                            if counters["inductor"]["cudagraph_skips"] > skips else "CUDA graph (Inductor's cudagraph trees)")
+    return compiled
 
 
 def _frame_of_current_compile(fallback: int) -> Any:

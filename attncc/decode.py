@@ -19,6 +19,7 @@ through unchanged; `attend` folds them into the state.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from attncc.codegen.variants.linear.ops import linear_state
-from attncc.codegen.variants.linear.reference import constant_decay_rates, lightning_decay_rates
+from attncc.codegen.variants.linear.reference import constant_decay_rates, feature_dim, lightning_decay_rates
 from attncc.codegen.variants.mala.ops import mala_state
 from attncc.errors import AttnccError
 from attncc.passes.model import cache_window
@@ -45,6 +46,19 @@ class Plan:
     layer: int
     variant: str
     constants: dict[str, Any] = field(default_factory=dict)
+    heads: int | None = None  # query heads
+    head_dim: int | None = None
+
+    def state_shapes(self, batch: int) -> list[tuple[int, ...]] | None:
+        """The shapes of the state ops' state for `batch` rows (keys and values of head_dim each), or None
+        where the module does not say its head count and head dim."""
+        if self.heads is None or self.head_dim is None:
+            return None
+        b, h, d = batch, self.heads, self.head_dim
+        if self.variant == "mala":
+            return [(b, h, d, d), (b, h, 1, d), (b, h, 1, d), (b, 1, 1, 1)]
+        f = feature_dim(self.constants["feature_map"], d)
+        return [(b, h, f, d), (b, h, f, 1)]
 
 
 def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
@@ -62,9 +76,11 @@ def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
                     "a state decode step has none")
     config = getattr(model, "config", None)
     heads = getattr(getattr(config, "get_text_config", lambda: config)(), "num_attention_heads", None)
+    hidden = getattr(getattr(config, "get_text_config", lambda: config)(), "hidden_size", None)
     out = []
     for path, module in sorted(attention, key=lambda item: item[1].layer_idx):
         variant, _ = policy.choose(path, module.layer_idx)
+        shape = _heads_and_dim(module, heads, hidden)
         if variant.variant not in STATE_VARIANTS:
             return [], f"{path} gets {variant.variant}, which decodes from its KV cache (state: {', '.join(STATE_VARIANTS)})"
         if getattr(module, "is_causal", True) is not True:
@@ -72,7 +88,7 @@ def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
         if cache_window(model, module.layer_idx) is not None:
             return [], f"{path} attends within the model's own sliding window, which {variant.variant} cannot serve"
         if variant.variant == "mala":
-            out.append(Plan(path, module.layer_idx, "mala", {"sim_scale": variant.sim_scale}))
+            out.append(Plan(path, module.layer_idx, "mala", {"sim_scale": variant.sim_scale}, *shape))
             continue
         rates = None
         if variant.decay != "none":
@@ -82,8 +98,15 @@ def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
                      else constant_decay_rates(heads, float(variant.decay)))
         out.append(Plan(path, module.layer_idx, "linear", {
             "feature_map": variant.feature_map, "normalize": variant.normalize, "eps": variant.eps,
-            "decay": None if rates is None else tuple(float(r) for r in rates)}))
+            "decay": None if rates is None else tuple(float(r) for r in rates)}, *shape))
     return out, None
+
+
+def _heads_and_dim(module: nn.Module, heads: int | None, hidden: int | None) -> tuple[int | None, int | None]:
+    """(query heads, head dim) of an attention module: its own attributes, else the config's."""
+    h = getattr(module, "num_heads", None) or heads
+    d = getattr(module, "head_dim", None) or (hidden // h if hidden and h else None)
+    return (h, d) if isinstance(h, int) and isinstance(d, int) else (None, None)
 
 
 def _cache_classes():
@@ -101,6 +124,8 @@ def _cache_classes():
             self.plan, self.kernels = plan, kernels
             self.state: tuple[torch.Tensor, ...] | None = None
             self.seen = 0
+            self.buffers: tuple[torch.Tensor, ...] | None = None  # kept across generate calls (allocate)
+            self.managed = False  # Compiled.generate's forward trims the mask to the new tokens and counts them
 
         def lazy_initialization(self, key_states, value_states) -> None:
             self.is_initialized = True
@@ -111,28 +136,55 @@ def _cache_classes():
             self.is_initialized = True
             return key_states, value_states
 
+        def allocate(self, batch: int, device: torch.device) -> None:
+            """Persistent state tensors for `batch` rows: the prefill writes its state into them and each
+            step updates them in place, so a decode step's graph reads the same tensors every step and
+            every generate (static addresses, which a CUDA graph needs)."""
+            shapes = self.plan.state_shapes(batch)
+            if shapes is None:
+                return
+            if self.buffers is not None and [tuple(t.shape) for t in self.buffers] == shapes and \
+                    self.buffers[0].device == torch.device(device):
+                return
+            self.buffers = tuple(torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes)
+            if self.buffers[0].is_cuda:
+                for t in self.buffers:
+                    torch._dynamo.mark_static_address(t)
+
         def attend(self, q, k, v, key_padding):
             """The variant's output for q over k, v and every earlier token; advances the state."""
             p, c = self.plan, self.plan.constants
             if p.variant == "linear":
                 decay = None if c["decay"] is None else torch.tensor(c["decay"], dtype=torch.float32, device=q.device)
                 s, z = self.state if self.state is not None else (None, None)
-                o, s, z = linear_state(q, k, v, key_padding, decay, s, z, c["feature_map"], c["normalize"], c["eps"],
-                                       self.kernels, p.module)
-                self.state = (s, z)
+                o, *state = linear_state(q, k, v, key_padding, decay, s, z, c["feature_map"], c["normalize"], c["eps"],
+                                         self.kernels, p.module)
             else:
                 state = self.state if self.state is not None else (None,) * 4
                 o, *state = mala_state(q, k, v, key_padding, *state, c["sim_scale"], self.kernels, p.module)
-                self.state = tuple(state)
-            self.seen = self.seen + q.shape[-2]
+            self._keep(state)
+            if not self.managed:
+                self.seen = self.seen + q.shape[-2]
             return o
 
+        def _keep(self, state: list[torch.Tensor]) -> None:
+            """The new state, written into the current state's tensors (or the buffers) where the shapes
+            agree, so that the tensors stay the same objects."""
+            target = self.state if self.state is not None else self.buffers
+            if target is not None and all(t.shape == n.shape for t, n in zip(target, state)):
+                for t, n in zip(target, state):
+                    t.copy_(n)
+                self.state = target
+            else:
+                self.state = tuple(state)
+
         def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
-            """The mask covers the new tokens only (earlier ones are in the state). transformers before
-            5.x passes the cache positions instead of their count."""
+            """The mask covers the new tokens only (earlier ones are in the state): from the seen-th column
+            of the caller's mask, or from its first where Compiled.generate's forward passed only the new
+            tokens' columns. transformers before 5.x passes the cache positions instead of their count."""
             if isinstance(query_length, torch.Tensor):
                 query_length = query_length.shape[0]
-            return query_length, self.seen
+            return query_length, 0 if self.managed else self.seen
 
         def get_seq_length(self) -> int:
             return self.seen
@@ -144,11 +196,11 @@ def _cache_classes():
             return sum(t.numel() for t in self.state or ())
 
         def reset(self) -> None:
-            self.state, self.seen = None, 0
+            self.state, self.seen, self.managed = None, 0, False
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-            if self.state is not None:
-                self.state = tuple(t.index_select(0, beam_idx.to(t.device)) for t in self.state)
+            for t in self.state or ():
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
     class StateCache(Cache):
         """A transformers Cache of recurrent states, one StateLayer per attention layer (attncc.decode)."""
@@ -159,6 +211,16 @@ def _cache_classes():
         def numel(self) -> int:
             """How many numbers the cache holds: O(layers·heads·d²), whatever the length."""
             return sum(layer.numel() for layer in self.layers)
+
+        def manage(self, batch: int, device: torch.device) -> None:
+            """For `managed_forward`: persistent state tensors, and the count and mask kept outside the graph."""
+            for layer in self.layers:
+                layer.allocate(batch, device)
+                layer.managed = True
+
+        def advance(self, tokens: int) -> None:
+            for layer in self.layers:
+                layer.seen += tokens
 
     return StateLayer, StateCache
 
@@ -204,6 +266,28 @@ def cache_argument(model: nn.Module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def managed_forward(forward: Any, cache: Any) -> Any:
+    """`forward` (the model's, compiled) for a generate that carries `cache`, a StateCache: each call gets
+    only the new tokens' columns of the 2-D attention mask (the earlier tokens are in the state), and the
+    cache counts the tokens after the call. So a decode step's graph has the same shapes at every step
+    and reads no growing length: one graph, which can run as a CUDA graph."""
+
+    @functools.wraps(forward)  # generate reads the forward's signature to choose the arguments it passes
+    def run(*args: Any, **kwargs: Any) -> Any:
+        new = args[0] if args else kwargs.get("input_ids")
+        new = new if new is not None else kwargs["inputs_embeds"]
+        batch, tokens = new.shape[:2]
+        cache.manage(batch, new.device)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            kwargs["attention_mask"] = mask[:, -tokens:]
+        out = forward(*args, **kwargs)
+        cache.advance(tokens)
+        return out
+
+    return run
 
 
 def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

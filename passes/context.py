@@ -26,6 +26,7 @@ class Options:
     verify: bool = False
     debug: bool = False
     mask_modules: tuple[str, ...] = ()  # modules a policy's block masks may be imported from
+    cudagraphs: str = "decode"  # decode: a state decode step's graph runs as a CUDA graph (Inductor, GPU); never
 
 
 _SITE_KEYS = itertools.count()
@@ -79,6 +80,7 @@ class Context:
     misses: list[tuple[str, str]] = field(default_factory=list)
     refused_ops: list[tuple[fx.Node, str]] = field(default_factory=list)
     policy_warnings: list[str] = field(default_factory=list)
+    decode_step: bool = False  # every attention site is a recurrent state step of one query (passes.state)
 
     def add_site(self, site: Site, match: Any) -> SiteState:
         site.graph = self.graph_index

@@ -16,6 +16,9 @@ STATE_OPS = {"linear_state": "linear", "mala_state": "mala"}
 
 
 def find_state_sites(ctx: Context) -> None:
+    """Report each state op; `ctx.decode_step` when the graph's attention is only state ops of one query
+    each (a decode step, which the backend may run as a CUDA graph)."""
+    steps = []
     for node in ctx.gm.graph.nodes:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
@@ -31,6 +34,8 @@ def find_state_sites(ctx: Context) -> None:
         state = ctx.add_site(site, None)
         node.update_arg(len(node.args) - 1, state.key)
         ctx.count(f"state.{name}")
+        steps.append(_dim(q, -2) == 1)
+    ctx.decode_step = bool(steps) and all(steps) and sum(s.kind == "attention" for s in ctx.sites) == len(steps)
 
 
 def _dim(shape, axis: int) -> int | None:
