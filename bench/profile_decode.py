@@ -59,8 +59,13 @@ def main() -> None:
     model = build(16)
     ids = torch.randint(3, 32000, (args.batch, args.prompt), device="cuda")
     mask = torch.ones_like(ids)
-    makers = {"eager": lambda: model.generate,
-              "linear": lambda: attncc.compile(model, {"attention": "linear"}).generate}
+    compiled = {}
+
+    def linear():
+        compiled["linear"] = attncc.compile(model, {"attention": "linear"})
+        return compiled["linear"].generate
+
+    makers = {"eager": lambda: model.generate, "linear": linear}
     lines = []
     for name in args.columns:
         torch._dynamo.reset()
@@ -70,6 +75,10 @@ def main() -> None:
         generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         step, fwd = min(step_times(model, generate, ids, mask, args.new) for _ in range(2))
         stats = {k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles")}
+        stats["cudagraphs"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+        if name in compiled:
+            print(compiled[name].state_decode)
+            print(compiled[name]._attncc_backend.report.table(), flush=True)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False)
