@@ -283,6 +283,11 @@ def managed_forward(forward: Any, cache: Any) -> Any:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             kwargs["attention_mask"] = mask[:, -tokens:]
+        # generate slices the new tokens' ids and positions out of longer tensors: fresh contiguous copies
+        # keep a growing stride or offset from becoming a symbolic input of the graph (a CUDA graph per step)
+        args = tuple(a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a for a in args)
+        kwargs = {k: v.clone(memory_format=torch.contiguous_format) if isinstance(v, torch.Tensor) else v
+                  for k, v in kwargs.items()}
         out = forward(*args, **kwargs)
         cache.advance(tokens)
         return out
