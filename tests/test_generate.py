@@ -420,6 +420,31 @@ def test_gpu_state_decode_runs_the_kernels(variant):
     assert all("CUDA graph" not in s.reason for s in prefill), prefill
 
 
+def test_every_decode_step_runs_one_graph_on_the_same_state_tensors():
+    """The decode steps of a state generate are one graph (the mask is trimmed to the new tokens and the
+    count kept outside the graph, so nothing grows): two graphs for 8 tokens, the prefill's and the
+    steps'. The state tensors are the layer's buffers, updated in place: the same objects before and
+    after a generate, holding the final state (what a CUDA graph needs: static addresses)."""
+    from attncc import decode
+
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids, mask = _prompts()
+    be = attncc.backend({"attention": "linear"}, inner="aot_eager")
+    compiled = attncc.compile(model, be)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+        layers = [m.__dict__[decode.ATTRIBUTE] for m in model.modules() if decode.ATTRIBUTE in m.__dict__]
+        buffers = [layer.buffers for layer in layers]
+        assert all(b is not None and layer.state is b for b, layer in zip(buffers, layers))
+        assert all(layer.seen == ids.shape[1] + 7 for layer in layers)  # the last token is not fed back
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert len(be.reports) == 2, be.report
+    assert all(layer.buffers is b and layer.state is b for b, layer in zip(buffers, layers))
+    assert all(s.pattern.endswith("(recurrent state)") for s in be.reports[1].attention())
+
+
 def test_a_second_generate_starts_from_an_empty_state_and_reuses_the_graphs():
     """Each generate resets the model's state layers: the same prompt gives the same tokens, and no new
     graph is compiled (the layers the graphs read are the same objects)."""
