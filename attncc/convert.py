@@ -348,10 +348,12 @@ class LayerOutputs:
         self.handles = [layer.register_forward_hook(keep) for layer in owner.get_submodule(path)]
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The layers' outputs; what `fn` returned is kept as `self.result`."""
+        """The layers' outputs in the call's last forward pass; what `fn` returned is kept as `self.result`.
+        (The first call of attncc.compile's module with an AttnRes policy also runs the model once to prepare
+        it, untransformed: those outputs come first and are dropped.)"""
         self.outputs.clear()
         self.result = self.fn(**batch)
-        outputs = list(self.outputs)
+        outputs = list(self.outputs)[-len(self.handles):]
         self.outputs.clear()
         return outputs
 

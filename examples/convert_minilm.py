@@ -1,6 +1,6 @@
 """Convert the pretrained all-MiniLM-L6-v2 sentence encoder to cheaper attention, and get its quality back.
 
-    python examples/convert_minilm.py                      # linear, a bidirectional band (sparse), MALA
+    python examples/convert_minilm.py                      # linear, a bidirectional band (sparse), MALA, AttnRes (short)
     python examples/convert_minilm.py --steps 40 --variants linear
     attncc convert examples/convert_minilm.py:build --policy p.yaml --steps 100 --out out/minilm
 
@@ -21,12 +21,14 @@ the policy's `mask_modules` allows it. Writes a Markdown table to --report when 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 import torch
 
 import attncc
+from attncc.pictures import attention_maps, attnres_depth_weights
 from attncc.sentences import docstring_sentences as sentences
 from attncc.sentences import embedding_quality as quality
 from attncc.sentences import mean_pooled as embed
@@ -36,7 +38,9 @@ POLICIES = {
     "linear": {"attention": {"default": {"variant": "linear", "feature_map": "elu1"}}},
     "band": {"attention": {"default": {"variant": "sparse", "pattern": "block", "mask": "convert_minilm:band"}}},
     "mala": {"attention": {"default": {"variant": "mala"}}},
+    "attnres": {"residual": {"variant": "attnres"}},  # attention kept; only the AttnRes queries and key norms train
 }
+SHORT = {"attnres": 15}  # a short run (under a minute on 2 CPU cores): at most this many steps, for its picture
 MASK_MODULES = ("convert_minilm",)
 
 
@@ -68,28 +72,41 @@ def build():
 
 
 def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int = 48, seed: int = 0,
-        progress: bool = True) -> dict:
-    """Convert a fresh MiniLM with one policy; its quality before and after the transfer."""
+        progress: bool = True, pictures: str | Path | None = None) -> dict:
+    """Convert a fresh MiniLM with one policy; its quality before and after the transfer. With `pictures` (a
+    folder): attention.png (original against converted attention of the middle layer, first held-out
+    sentence) and, for AttnRes, depth_weights.png, drawn after the transfer (attncc.pictures)."""
     model, tokenizer = load()
+    original = copy.deepcopy(model) if pictures is not None else None
     texts = sentences()
     evaluation = dict(tokenizer(texts[:eval_sentences], padding="max_length", truncation=True,
                                 max_length=MAX_LENGTH, return_tensors="pt"))
     train = batches(tokenizer, texts[eval_sentences:eval_sentences + train_sentences], 8)
-    original = embed(model, evaluation)
+    original_embeddings = embed(model, evaluation)
     policy = POLICIES[variant]
     be = attncc.backend(policy, inner="aot_eager", mask_modules=MASK_MODULES)
-    before = quality(original, embed(torch.compile(model, backend=be), evaluation))
+    before = quality(original_embeddings, embed(attncc.compile(model, be), evaluation))
     torch._dynamo.reset()
     start = time.perf_counter()
     result = attncc.convert(model, policy, train, held_out=evaluation, steps=steps, seed=seed, progress=progress,
                             mask_modules=MASK_MODULES)
     seconds = time.perf_counter() - start
     torch._dynamo.reset()
-    after = quality(original, embed(torch.compile(model, backend=attncc.backend(policy, inner="aot_eager",
-                                                                               mask_modules=MASK_MODULES)),
-                                    evaluation))
+    after = quality(original_embeddings, embed(attncc.compile(model, attncc.backend(policy, inner="aot_eager",
+                                                                                    mask_modules=MASK_MODULES)),
+                                               evaluation))
+    drawn = []
+    if pictures is not None:
+        folder = Path(pictures)
+        torch._dynamo.reset()
+        if policy.get("attention"):
+            drawn.append(attention_maps(original, model, policy, evaluation, mask_modules=MASK_MODULES,
+                                        path=folder / "attention.png"))
+        if policy.get("residual"):
+            drawn.append(attnres_depth_weights(model, policy, evaluation, mask_modules=MASK_MODULES,
+                                               path=folder / "depth_weights.png"))
     return dict(variant=variant, before=before, after=after, layer_before=result.before, layer_after=result.after,
-                seconds=seconds, steps=steps, result=result)
+                seconds=seconds, steps=steps, result=result, pictures=drawn)
 
 
 def table(rows: list[dict]) -> str:
@@ -109,18 +126,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--report", default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
-    rows = [run(v, args.steps) for v in args.variants]
-    text = (f"all-MiniLM-L6-v2 (pretrained), attention converted by attncc, {args.steps} transfer steps on the CPU; "
+    folder = Path(args.report).with_suffix("") if args.report else None
+    rows = [run(v, min(args.steps, SHORT.get(v, args.steps)), pictures=None if folder is None else folder / v)
+            for v in args.variants]
+    text = (f"all-MiniLM-L6-v2 (pretrained), attention converted by attncc, {args.steps} transfer steps on the CPU "
+            f"({', '.join(f'{v}: at most {n}' for v, n in SHORT.items())}, a short run); "
             "48 held-out standard-library docstring sentences; cosine = mean cosine of each converted embedding "
             "to the original's, spearman = rank agreement of all pairwise similarities; layer error = mean "
-            "relative error of the layers' outputs on the same held-out sentences.\n\n" + table(rows) + "\n")
-    if args.report:  # with each variant's pictures (attncc.Conversion.save_plots) beside it
+            "relative error of the layers' outputs on the same held-out sentences. `attnres` keeps the attention "
+            "and rewrites the residual stream into Full AttnRes (MiniLM is post-norm: not function-preserving at "
+            "init); only its queries and key norms train.\n\n" + table(rows) + "\n")
+    if args.report:
+        text += ("\nPictures per variant: the per-layer error and the training curve; `attention.png`: the "
+                 "attention of the middle layer (layer 2) on the first held-out sentence, averaged over heads, of "
+                 "the original (softmax probabilities, eager) beside the converted layer's weights (from its q and "
+                 "k, by the variant's reference math; MALA's may be negative); `depth_weights.png` (AttnRes): the "
+                 "mean weight each sublayer gives each earlier sublayer output (0 = embedding).\n")
+    if args.report:  # with each variant's pictures (Conversion.save_plots, attncc.pictures) beside it
         report = Path(args.report)
-        folder = report.with_suffix("")
         for r in rows:
             r["result"].save_plots(folder / r["variant"])
-            text += (f"\n{r['variant']}: ![per-layer error]({folder.name}/{r['variant']}/layers.png) "
-                     f"![training]({folder.name}/{r['variant']}/losses.png)\n")
+            here = f"{folder.name}/{r['variant']}"
+            text += f"\n{r['variant']}: ![per-layer error]({here}/layers.png) ![training]({here}/losses.png)\n"
+            for picture in sorted(p.name for p in (folder / r["variant"]).glob("*.png")
+                                  if p.name in ("attention.png", "depth_weights.png")):
+                text += f"![{picture[:-4].replace('_', ' ')}]({here}/{picture})\n"
         report.write_text(text)
     print(text)
     return rows
