@@ -20,6 +20,7 @@ through unchanged; `attend` folds them into the state.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -218,6 +219,12 @@ def _cache_classes():
                 layer.allocate(batch, device)
                 layer.managed = True
 
+        def get_query_offset(self, layer_idx: int = 0) -> int:
+            """Where the mask's queries start: 0 where the mask covers only the new tokens (managed_forward),
+            else the cache's length (transformers' default)."""
+            layer = self.layers[layer_idx]
+            return 0 if layer.managed else layer.seen
+
         def advance(self, tokens: int) -> None:
             for layer in self.layers:
                 layer.seen += tokens
@@ -271,8 +278,10 @@ def cache_argument(model: nn.Module) -> str:
 def managed_forward(forward: Any, cache: Any) -> Any:
     """`forward` (the model's, compiled) for a generate that carries `cache`, a StateCache: each call gets
     only the new tokens' columns of the 2-D attention mask (the earlier tokens are in the state), and the
-    cache counts the tokens after the call. So a decode step's graph has the same shapes at every step
-    and reads no growing length: one graph, which can run as a CUDA graph."""
+    cache counts the tokens after the call; positions, where the caller gives none, are computed here as
+    the model would (arange from the cache's length). So a decode step's graph has the same shapes at
+    every step and reads no growing length: one graph, which can run as a CUDA graph."""
+    accepts_positions = "position_ids" in inspect.signature(forward).parameters
 
     @functools.wraps(forward)  # generate reads the forward's signature to choose the arguments it passes
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -283,6 +292,10 @@ def managed_forward(forward: Any, cache: Any) -> Any:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             kwargs["attention_mask"] = mask[:, -tokens:]
+        if accepts_positions and kwargs.get("position_ids") is None:
+            # what transformers' decoders compute when given none (arange + the cache's length), here
+            # outside the graph: read inside, the growing length would be a symbolic input of it
+            kwargs["position_ids"] = (torch.arange(tokens, device=new.device) + cache.get_seq_length())[None]
         # generate slices the new tokens' ids and positions out of longer tensors: fresh contiguous copies
         # keep a growing stride or offset from becoming a symbolic input of the graph (a CUDA graph per step)
         args = tuple(a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a for a in args)

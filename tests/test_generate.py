@@ -421,9 +421,9 @@ def test_gpu_state_decode_runs_the_kernels(variant):
 
 
 def test_every_decode_step_runs_one_graph_on_the_same_state_tensors():
-    """The decode steps of a state generate are one graph (the mask is trimmed to the new tokens and the
-    count kept outside the graph, so nothing grows): two graphs for 8 tokens, the prefill's and the
-    steps'. The state tensors are the layer's buffers, updated in place: the same objects before and
+    """The decode steps of a state generate are one graph (the mask is trimmed to the new tokens, the
+    positions and the count kept outside the graph, so nothing grows): two graphs for 8 tokens, the
+    prefill's and the steps', even with every size static. The state tensors are the layer's buffers, updated in place: the same objects before and
     after a generate, holding the final state (what a CUDA graph needs: static addresses)."""
     from attncc import decode
 
@@ -432,7 +432,8 @@ def test_every_decode_step_runs_one_graph_on_the_same_state_tensors():
     ids, mask = _prompts()
     be = attncc.backend({"attention": "linear"}, inner="aot_eager")
     compiled = attncc.compile(model, be)
-    with torch.no_grad(), warnings.catch_warnings():
+    # without automatic dynamic shapes, a length read inside the graph would recompile it at every step
+    with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         warnings.simplefilter("ignore")
         compiled.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
         layers = [m.__dict__[decode.ATTRIBUTE] for m in model.modules() if decode.ATTRIBUTE in m.__dict__]
