@@ -330,6 +330,7 @@ def test_the_state_cache_holds_the_same_numbers_after_any_prompt(variant):
     torch.manual_seed(0)
     model = _llama().eval()
     model.config.max_position_embeddings = 256
+    decode.classes()  # registers the attention implementation with transformers (state_cache does too)
     model.set_attn_implementation(decode.IMPLEMENTATION)
     sizes = []
     for length in (8, 120):
@@ -365,7 +366,10 @@ def test_generate_says_why_it_keeps_the_kv_cache(policy, reason):
         if policy["attention"] == "softmax":
             from transformers import DynamicCache
 
-            compiled.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, cache=DynamicCache())
+            from attncc.decode import cache_argument
+
+            compiled.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                              **{cache_argument(model): DynamicCache()})
             assert "the caller chose the cache" in compiled.state_decode
 
 
