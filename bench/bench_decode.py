@@ -23,16 +23,11 @@ import warnings
 import torch
 
 import attncc
+import bench_model  # noqa: E402 (this folder is on the path when the script runs)
 
 
 def build(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=131072,
-                      attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    return bench_model.build(layers, causal_lm=True)
 
 
 def timed(generate, ids, mask, new: int) -> float:

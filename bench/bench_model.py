@@ -25,14 +25,16 @@ import triton
 import attncc
 
 
-def build(layers: int):
-    from transformers import LlamaConfig, LlamaModel
+def build(layers: int, causal_lm: bool = False):
+    """The 853M Llama (16 layers) of the benchmarks, bf16 on the GPU: LlamaModel, or with causal_lm
+    LlamaForCausalLM (its LM head, for generate)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
                       num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=131072,
                       attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaModel(cfg).to("cuda", torch.bfloat16).eval()
+    return (LlamaForCausalLM if causal_lm else LlamaModel)(cfg).to("cuda", torch.bfloat16).eval()
 
 
 def timed_first_call(fn):
