@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from attncc.compiler import Backend, keeping_last_report, trace_once
+from attncc.compiler import Backend, failing_past_recompile_limit, keeping_last_report, trace_once
 from attncc import decode
 from attncc.errors import AttnccError
 from attncc.passes.model import remember
@@ -159,11 +159,16 @@ def _install_anchor(model: nn.Module, path: str, container: AttnResParameters) -
     owner.register_forward_pre_hook(Anchor(container))
 
 
+RECOMPILE_FIX = ("pass dynamic=True to attncc.compile (one graph for every length), call torch._dynamo.reset() "
+                 "between models of one class, or raise the limit")
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # generate's name for the cache: transformers >= 5.24, before
 
 
 class Compiled:
     """What attncc.compile returns: torch.compile's module, whose first call prepares the model.
+
+    Past dynamo's recompile limit a call raises AttnccError, where torch.compile would silently run
+    the model's original attention.
 
     Attributes other than the call and `generate` are torch.compile's (`.train()`, `.parameters()`,
     `._orig_mod`, ...).
@@ -179,7 +184,8 @@ class Compiled:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self._prepare(args, kwargs)
-        return self._attncc_compiled(*args, **kwargs)
+        with failing_past_recompile_limit("attncc.compile", RECOMPILE_FIX):
+            return self._attncc_compiled(*args, **kwargs)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The model's own `generate` (transformers), with every forward it calls compiled by attncc.
@@ -214,7 +220,8 @@ class Compiled:
             if cache is not None:
                 kwargs[decode.cache_argument(model)] = cache
                 model.set_attn_implementation(decode.IMPLEMENTATION)
-            return model.generate(*args, **kwargs)
+            with failing_past_recompile_limit("attncc.compile(...).generate", RECOMPILE_FIX):
+                return model.generate(*args, **kwargs)
         finally:
             if cache is not None:
                 model.set_attn_implementation(implementation)

@@ -149,6 +149,20 @@ def keeping_last_report() -> Iterator[None]:
         _LAST = last
 
 
+@contextmanager
+def failing_past_recompile_limit(who: str, fix: str) -> Iterator[None]:
+    """Past dynamo's recompile limit, torch.compile runs the frame without its backend: the original
+    attention, silently. Inside, that is an AttnccError naming `who` and `fix` instead."""
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            yield
+    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        raise AttnccError(f"{who}: dynamo reached its recompile limit (torch._dynamo.config.recompile_limit = "
+                          f"{limit}) and would have run the model without attncc, that is with its original "
+                          f"attention; {fix}") from e
+
+
 def registered_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
     """Entry point for `torch.compile(model, backend="attncc", options={"policy": ..., ...})`."""
     options = dict(options or {})

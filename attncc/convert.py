@@ -47,7 +47,7 @@ from torch import nn
 from attncc.attnres import compile as attncc_compile
 from attncc.attnres import parameters as attnres_parameters
 from attncc.attnres import prepare
-from attncc.compiler import Backend
+from attncc.compiler import Backend, failing_past_recompile_limit
 from attncc.errors import AttnccError
 from attncc.explain import explain
 from attncc.policy import dump_policy, load_policy
@@ -141,14 +141,10 @@ def convert(model: nn.Module, policy: Any, batches: Iterable[Mapping[str, torch.
 
     Past dynamo's recompile limit a compiled model silently runs without attncc; during a conversion
     that is an error (AttnccError) instead, never a transfer trained against the original attention."""
-    try:
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return _convert(model, policy, batches, steps, held_out, lr, seed, inner, progress, mask_modules,
-                            finetune_steps, lora_rank, lora_targets, finetune_lr, checkpoint, checkpoint_every)
-    except torch._dynamo.exc.FailOnRecompileLimitHit as e:
-        raise AttnccError("attncc.convert: dynamo reached its recompile limit (torch._dynamo.config.recompile_limit) "
-                          "and would have run the model without attncc; call torch._dynamo.reset() before each "
-                          "conversion of one process, or raise the limit") from e
+    with failing_past_recompile_limit("attncc.convert", "call torch._dynamo.reset() before each conversion of "
+                                      "one process, or raise the limit"):
+        return _convert(model, policy, batches, steps, held_out, lr, seed, inner, progress, mask_modules,
+                        finetune_steps, lora_rank, lora_targets, finetune_lr, checkpoint, checkpoint_every)
 
 
 def _convert(model, policy, batches, steps, held_out, lr, seed, inner, progress, mask_modules, finetune_steps,

@@ -465,3 +465,19 @@ def test_a_second_generate_starts_from_an_empty_state_and_reuses_the_graphs():
         second = compiled.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert second.tolist() == first.tolist()
     assert len(be.reports) == graphs, be.report
+
+
+def test_compiled_calls_past_the_recompile_limit_raise_instead_of_running_the_original_attention():
+    """torch.compile runs a frame past its recompile limit without the backend, that is with softmax
+    attention: attncc.compile's call and generate raise AttnccError instead, saying how to fix it."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    compiled = attncc.compile(model, attncc.backend({"attention": "linear"}, inner="aot_eager"), dynamic=False)
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
+        compiled(torch.randint(3, VOCAB, (1, 5)))
+        with pytest.raises(attncc.AttnccError, match="recompile limit.*dynamic=True"):
+            compiled(torch.randint(3, VOCAB, (1, 6)))  # a new length, static shapes: a recompile
+        ids, mask = _prompts()
+        with warnings.catch_warnings(), pytest.raises(attncc.AttnccError, match="generate: dynamo reached"):
+            warnings.simplefilter("ignore")
+            compiled.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
