@@ -104,10 +104,12 @@ class Backend:
             return _marking_run(_inner_compile(self.options.inner, original, example_inputs), ctx.report)
         cudagraphs = (self.options.cudagraphs == "decode" and ctx.decode_step and self.options.inner == "inductor"
                       and any(isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs))
-        compiled = _inner_compile(self.options.inner, gm, example_inputs, cudagraphs=cudagraphs, report=ctx.report)
-        for site in ctx.report.attention() if ctx.report.cudagraph else ():
-            site.reason += f"; the graph runs as a {ctx.report.cudagraph}" if ctx.report.cudagraph.startswith("CUDA") \
-                else f"; CUDA graph {ctx.report.cudagraph}"
+        if cudagraphs:
+            compiled, note = _cudagraph_compile(gm, example_inputs)
+            for site in ctx.report.attention():
+                site.reason += f"; {note}"
+        else:
+            compiled = _inner_compile(self.options.inner, gm, example_inputs)
         if self.options.verify:
             changed = sorted({s.variant for s in ctx.report.sites if s.status == "rewritten"} - FUNCTION_PRESERVING)
             if not changed:
@@ -217,27 +219,30 @@ def _check_triton_can_run() -> None:
     )
 
 
-def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any], cudagraphs: bool = False,
-                   report: Report | None = None) -> Callable:
-    """The inner compiler's callable. With `cudagraphs` (Inductor only), the graph runs through Inductor's
-    CUDA graph trees, and `report.cudagraph` says whether Inductor took it or skipped it."""
+def _inner_compile(inner: str, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
+    """The inner compiler's callable."""
     if inner == "eager":
         return gm.forward
     if inner == "aot_eager":
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _cudagraph_compile(gm: fx.GraphModule, example_inputs: list[Any]) -> tuple[Callable, str]:
+    """Inductor with its CUDA graph trees, and what Inductor did: compiled the graph for CUDA graphs, or
+    skipped them (it counts each skip as it compiles)."""
     from torch._dynamo.utils import counters
     from torch._inductor.compile_fx import compile_fx
 
-    if not cudagraphs:
-        return compile_fx(gm, example_inputs)
     skips = counters["inductor"]["cudagraph_skips"]
     compiled = compile_fx(gm, example_inputs, config_patches={"triton.cudagraphs": True})
-    if report is not None:
-        report.cudagraph = ("skipped by Inductor (TORCH_LOGS=perf_hints says why)"
-                            if counters["inductor"]["cudagraph_skips"] > skips else "CUDA graph (Inductor's cudagraph trees)")
-    return compiled
+    if counters["inductor"]["cudagraph_skips"] > skips:
+        return compiled, "Inductor skipped CUDA graphs for this graph (TORCH_LOGS=perf_hints says why)"
+    return compiled, "Inductor compiled the graph for its CUDA graph trees"
 
 
 def _frame_of_current_compile(fallback: int) -> Any:

@@ -46,7 +46,6 @@ class Report:
     pass_seconds: dict[str, float] = field(default_factory=dict)  # time in each pass, summed over graphs
     frame: Any = None  # the Python frame the graph was compiled from (one report per graph)
     ran: bool = False  # the compiled graph has been called
-    cudagraph: str = ""  # a graph compiled for CUDA graphs: whether Inductor took it (attncc.compiler)
 
     def attention(self) -> list[Site]:
         return [s for s in self.sites if s.kind == "attention"]
