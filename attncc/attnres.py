@@ -194,9 +194,10 @@ class Compiled:
         is torch.compile(model.forward, backend=attncc's backend), the recipe transformers documents
         for compiled generation. The prefill and decode graphs both appear in the backend's report.
 
-        When every attention layer gets `linear` or `mala` and the caller passes no cache, generate
-        carries an attncc.decode StateCache: each layer keeps O(d²) numbers per head instead of every
-        key and value, and a decode step costs the same at any length; on the GPU with Inductor, a decode
+        When every attention layer gets `linear`, `mala` or a `sparse` sliding window and the caller
+        passes no cache, generate carries an attncc.decode StateCache: each layer keeps O(d²) numbers per
+        head (or its window's keys and values) instead of every key and value, and a decode step costs
+        the same at any length; on the GPU with Inductor, a decode
         step's graph runs as a CUDA graph (backend option cudagraphs). `self.state_decode` says whether
         the last call decoded from states, and why not.
         """
@@ -212,7 +213,7 @@ class Compiled:
         self.state_decode = "the caller chose the cache (cache, past_key_values, cache_implementation or use_cache)"
         if not chosen and kwargs.get("use_cache", True) is not False:
             cache, why = decode.state_cache(model, self._attncc_backend.policy, self._attncc_backend.options.kernels)
-            self.state_decode = why or "every attention layer decodes from its recurrent state"
+            self.state_decode = why or "every attention layer decodes from its state (recurrent or window cache)"
         own = model.__dict__.get("forward")
         model.forward = self._attncc_forward if cache is None else decode.managed_forward(self._attncc_forward, cache)
         implementation = model.config._attn_implementation

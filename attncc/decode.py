@@ -1,15 +1,18 @@
-"""Decode from a recurrent state: a transformers `Cache` whose layers hold what linear attention and
-MALA need of every earlier token (O(d²) numbers per head), instead of every key and value.
+"""Decode from a state: a transformers `Cache` whose layers hold what each layer's attention needs of
+the earlier tokens, instead of every key and value: linear attention and MALA a recurrent state
+(O(d²) numbers per head), a sliding window with sinks its window cache (the sinks and the last
+`window` keys and values, a ring).
 
     compiled = attncc.compile(model, {"attention": "linear"})
     compiled.generate(input_ids, attention_mask=mask, max_new_tokens=64)   # uses a StateCache
 
-`Compiled.generate` builds a `StateCache` when every attention layer of the model gets `linear` or
-`mala` (`state_cache` says why not, otherwise: the usual KV cache then serves, through the graph
-rewrite). For that call the model's attention implementation is attncc's (registered with
-transformers' AttentionInterface): the prefill writes each layer's state, each decode step reads and
-advances it. Both run as one op per layer (attncc::linear_state, attncc::mala_state), which the
-compile pipeline reports as a site with what it ran.
+`Compiled.generate` builds a `StateCache` when every attention layer of the model gets `linear`,
+`mala` or a `sparse` sliding window, in any mix (`state_cache` says why not, otherwise: the usual KV
+cache then serves, through the graph rewrite). For that call the model's attention implementation is
+attncc's (registered with transformers' AttentionInterface): the prefill writes each layer's state,
+each decode step reads and advances it. Both run as one op per layer (attncc::linear_state,
+attncc::mala_state, attncc::window_state), which the compile pipeline reports as a site with what it
+ran.
 
 How the state reaches the attention function: each attention module holds its layer's StateLayer as
 the attribute `attncc_state` (the cache holds the same objects), and the attention function, which
@@ -30,13 +33,14 @@ import torch.nn as nn
 from attncc.codegen.variants.linear.ops import linear_state
 from attncc.codegen.variants.linear.reference import constant_decay_rates, feature_dim, lightning_decay_rates
 from attncc.codegen.variants.mala.ops import mala_state
+from attncc.codegen.variants.sparse.ops import window_state
 from attncc.errors import AttnccError
 from attncc.passes.model import cache_window
 from attncc.policy import Policy
 
 IMPLEMENTATION = "attncc_state"  # the attention implementation name registered with transformers
 ATTRIBUTE = "attncc_state"  # each attention module's StateLayer
-STATE_VARIANTS = ("linear", "mala")
+STATE_VARIANTS = ("linear", "mala", "sparse")  # sparse: the sliding_window pattern
 
 
 @dataclass(frozen=True)
@@ -49,17 +53,22 @@ class Plan:
     constants: dict[str, Any] = field(default_factory=dict)
     heads: int | None = None  # query heads
     head_dim: int | None = None
+    kv_heads: int | None = None
+    dtype: torch.dtype = torch.float32  # the model's: a window cache holds keys and values in it
 
-    def state_shapes(self, batch: int) -> list[tuple[int, ...]] | None:
-        """The shapes of the state ops' state for `batch` rows (keys and values of head_dim each), or None
-        where the module does not say its head count and head dim."""
-        if self.heads is None or self.head_dim is None:
+    def state_buffers(self, batch: int) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
+        """The (shape, dtype) of each tensor of the layer's state for `batch` rows (keys and values of
+        head_dim each), or None where the module does not say its head counts and head dim."""
+        if self.heads is None or self.head_dim is None or self.kv_heads is None:
             return None
-        b, h, d = batch, self.heads, self.head_dim
+        b, h, d, f32 = batch, self.heads, self.head_dim, torch.float32
+        if self.variant == "sparse":
+            slots = self.constants["sinks"] + self.constants["window"]
+            return [((b, self.kv_heads, slots, d), self.dtype)] * 2 + [((b, slots), torch.bool)]
         if self.variant == "mala":
-            return [(b, h, d, d), (b, h, 1, d), (b, h, 1, d), (b, 1, 1, 1)]
+            return [((b, h, d, d), f32), ((b, h, 1, d), f32), ((b, h, 1, d), f32), ((b, 1, 1, 1), f32)]
         f = feature_dim(self.constants["feature_map"], d)
-        return [(b, h, f, d), (b, h, f, 1)]
+        return [((b, h, f, d), f32), ((b, h, f, 1), f32)]
 
 
 def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
@@ -78,18 +87,25 @@ def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
     config = getattr(model, "config", None)
     heads = getattr(getattr(config, "get_text_config", lambda: config)(), "num_attention_heads", None)
     hidden = getattr(getattr(config, "get_text_config", lambda: config)(), "hidden_size", None)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     out = []
     for path, module in sorted(attention, key=lambda item: item[1].layer_idx):
         variant, _ = policy.choose(path, module.layer_idx)
         shape = _heads_and_dim(module, heads, hidden)
-        if variant.variant not in STATE_VARIANTS:
-            return [], f"{path} gets {variant.variant}, which decodes from its KV cache (state: {', '.join(STATE_VARIANTS)})"
+        if variant.variant not in STATE_VARIANTS or getattr(variant, "pattern", "sliding_window") != "sliding_window":
+            name = variant.variant + (f" {variant.pattern}" if variant.variant == "sparse" else "")
+            return [], (f"{path} gets {name}, which decodes from its KV cache (state: linear, mala, "
+                        "sparse sliding_window)")
         if getattr(module, "is_causal", True) is not True:
             return [], f"{path} is not causal"
         if cache_window(model, module.layer_idx) is not None:
             return [], f"{path} attends within the model's own sliding window, which {variant.variant} cannot serve"
         if variant.variant == "mala":
             out.append(Plan(path, module.layer_idx, "mala", {"sim_scale": variant.sim_scale}, *shape))
+            continue
+        if variant.variant == "sparse":
+            out.append(Plan(path, module.layer_idx, "sparse", {"window": variant.window, "sinks": variant.sinks},
+                            *shape, dtype=dtype))
             continue
         rates = None
         if variant.decay != "none":
@@ -103,18 +119,23 @@ def plans(model: nn.Module, policy: Policy) -> tuple[list[Plan], str | None]:
     return out, None
 
 
-def _heads_and_dim(module: nn.Module, heads: int | None, hidden: int | None) -> tuple[int | None, int | None]:
-    """(query heads, head dim) of an attention module: its own attributes, else the config's."""
+def _heads_and_dim(module: nn.Module, heads: int | None, hidden: int | None) -> tuple[int | None, ...]:
+    """(query heads, head dim, key/value heads) of an attention module: its own attributes, else the config's."""
     h = getattr(module, "num_heads", None) or heads
     d = getattr(module, "head_dim", None) or (hidden // h if hidden and h else None)
-    return (h, d) if isinstance(h, int) and isinstance(d, int) else (None, None)
+    if not (isinstance(h, int) and isinstance(d, int)):
+        return None, None, None
+    groups = getattr(module, "num_key_value_groups", 1)
+    return h, d, h // groups if isinstance(groups, int) and groups > 0 else None
 
 
 def _cache_classes():
     from transformers.cache_utils import Cache, CacheLayerMixin
 
     class StateLayer(CacheLayerMixin):
-        """One attention layer's recurrent state (None before the prefill) and how many tokens it has seen."""
+        """One attention layer's state (None before the prefill) and how many tokens it has seen: a
+        recurrent state (linear, MALA), or a window cache (sparse sliding window: keys, values and which
+        slots are filled; slot of position p: p for a sink, else sinks + (p - sinks) mod window)."""
 
         is_sliding = False
         is_compileable = False
@@ -127,6 +148,7 @@ def _cache_classes():
             self.seen = 0
             self.buffers: tuple[torch.Tensor, ...] | None = None  # kept across generate calls (allocate)
             self.managed = False  # Compiled.generate's forward trims the mask to the new tokens and counts them
+            self.position: torch.Tensor | None = None  # a window cache's next position, on the device
 
         def lazy_initialization(self, key_states, value_states) -> None:
             self.is_initialized = True
@@ -141,20 +163,22 @@ def _cache_classes():
             """Persistent state tensors for `batch` rows: the prefill writes its state into them and each
             step updates them in place, so a decode step's graph reads the same tensors every step and
             every generate (static addresses, which a CUDA graph needs)."""
-            shapes = self.plan.state_shapes(batch)
-            if shapes is None:
+            specs = self.plan.state_buffers(batch)
+            if specs is None:
                 return
-            if self.buffers is not None and [tuple(t.shape) for t in self.buffers] == shapes and \
-                    self.buffers[0].device == torch.device(device):
-                return
-            self.buffers = tuple(torch.zeros(shape, dtype=torch.float32, device=device) for shape in shapes)
-            if self.buffers[0].is_cuda:
-                for t in self.buffers:
-                    torch._dynamo.mark_static_address(t)
+            if self.buffers is None or [(tuple(t.shape), t.dtype) for t in self.buffers] != specs or \
+                    self.buffers[0].device != torch.device(device):
+                self.buffers = tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype in specs)
+                self.position = torch.zeros(1, dtype=torch.long, device=device)
+                if self.buffers[0].is_cuda:
+                    for t in (*self.buffers, self.position):
+                        torch._dynamo.mark_static_address(t)
 
-        def attend(self, q, k, v, key_padding):
+        def attend(self, q, k, v, key_padding, scale):
             """The variant's output for q over k, v and every earlier token; advances the state."""
             p, c = self.plan, self.plan.constants
+            if p.variant == "sparse":
+                return self._window(q, k, v, key_padding, scale)
             if p.variant == "linear":
                 decay = None if c["decay"] is None else torch.tensor(c["decay"], dtype=torch.float32, device=q.device)
                 s, z = self.state if self.state is not None else (None, None)
@@ -168,11 +192,38 @@ def _cache_classes():
                 self.seen = self.seen + q.shape[-2]
             return o
 
+        def _window(self, q, k, v, key_padding, scale):
+            """A sliding window with sinks: the prefill attends the prompt's window and keeps its sinks and
+            last `window` keys; a decode step writes its key into its slot and attends the filled slots."""
+            p, c = self.plan, self.plan.constants
+            sinks, window = c["sinks"], c["window"]
+            if self.state is None:
+                o = window_state(q, k, v, key_padding, scale, window, sinks, self.kernels, p.module)
+                self._keep(_window_cache(k, v, key_padding, sinks, window))
+                if not self.managed:
+                    self.position = torch.full((1,), k.shape[-2], dtype=torch.long, device=k.device)
+                    self.seen = self.seen + q.shape[-2]
+                return o
+            if q.shape[-2] != 1 or k.shape[-2] != 1:
+                raise AttnccError(f"{p.module}: a window cache decodes one new token per call, got {q.shape[-2]} "
+                                  "(generate feeds one; for longer chunks, keep the KV cache: pass a cache to generate)")
+            keys, values, valid = self.state
+            slot = _slot(self.position, sinks, window)
+            keys.index_copy_(2, slot, k)
+            values.index_copy_(2, slot, v)
+            new = key_padding[:, -1:] if key_padding is not None else torch.ones_like(valid[:, :1])
+            valid.index_copy_(1, slot, new)
+            o = window_state(q, keys, values, valid, scale, window, sinks, self.kernels, p.module)
+            if not self.managed:
+                self.position = self.position + 1
+                self.seen = self.seen + 1
+            return o
+
         def _keep(self, state: list[torch.Tensor]) -> None:
             """The new state, written into the current state's tensors (or the buffers) where the shapes
             agree, so that the tensors stay the same objects."""
             target = self.state if self.state is not None else self.buffers
-            if target is not None and all(t.shape == n.shape for t, n in zip(target, state)):
+            if target is not None and all(t.shape == n.shape and t.dtype == n.dtype for t, n in zip(target, state)):
                 for t, n in zip(target, state):
                     t.copy_(n)
                 self.state = target
@@ -228,6 +279,8 @@ def _cache_classes():
         def advance(self, tokens: int) -> None:
             for layer in self.layers:
                 layer.seen += tokens
+                if layer.position is not None:
+                    layer.position.fill_(layer.seen)  # outside the graph, into its static tensor
 
     return StateLayer, StateCache
 
@@ -321,8 +374,29 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         last = attention_mask[:, 0, -1, :]
         key_padding = last if last.dtype == torch.bool else last == 0
         key_padding = key_padding.expand(query.shape[0], -1).contiguous()
-    out = state.attend(query, key, value, key_padding)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = state.attend(query, key, value, key_padding, float(scale))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _slot(positions: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """The window cache's slot of each position: a sink keeps its own, the others share a ring of `window`."""
+    return torch.where(positions < sinks, positions, sinks + (positions - sinks) % window)
+
+
+def _window_cache(k, v, key_padding, sinks: int, window: int) -> list[torch.Tensor]:
+    """(keys, values, filled) of a window cache after a prompt: its sinks and its last `window` keys."""
+    t = k.shape[-2]
+    positions = torch.cat([torch.arange(torch.sym_min(sinks, t), device=k.device),
+                           torch.arange(torch.sym_max(sinks, t - window), t, device=k.device)])
+    slots = _slot(positions, sinks, window)
+    b, h, _, d = k.shape
+    keys = k.new_zeros((b, h, sinks + window, d)).index_copy_(2, slots, k.index_select(2, positions))
+    values = v.new_zeros((b, h, sinks + window, v.shape[-1])).index_copy_(2, slots, v.index_select(2, positions))
+    filled = (key_padding.index_select(1, positions) if key_padding is not None
+              else torch.ones((b, positions.shape[0]), dtype=torch.bool, device=k.device))
+    valid = torch.zeros((b, sinks + window), dtype=torch.bool, device=k.device).index_copy_(1, slots, filled)
+    return [keys, values, valid]
 
 
 def _register() -> None:

@@ -6,8 +6,8 @@ generate (SDPA, DynamicCache) and its compiled static-cache generate.
 
 Columns: eager generate; static cache, whose decode steps transformers' generate compiles itself
 (its recipe for compiled generation); attncc `linear` (generate carries a StateCache: each layer keeps its recurrent
-state, O(d²) per head); attncc `sparse` sliding window(1024) + 4 sinks (DynamicCache; each decode step
-reads the window and the sinks). Decode tokens/s = batch · (new - 1) / (t(new tokens) - t(1 token)),
+state, O(d²) per head); attncc `sparse` sliding window(1024) + 4 sinks (a StateCache too: each layer
+keeps a window cache of the 4 sinks and the last 1024 keys and values, a ring). Decode tokens/s = batch · (new - 1) / (t(new tokens) - t(1 token)),
 each a whole generate call after a warm-up call that compiles every graph. Prints a markdown table
 last; writes it to $OUT/bench_decode.md when OUT is set.
 """

@@ -1,5 +1,5 @@
 """Sites that decode from a recurrent state (attncc.decode): the attention function of a StateCache
-generate emits one attncc::linear_state or attncc::mala_state op per layer. They are attention that
+generate emits one attncc::linear_state, attncc::mala_state or attncc::window_state op per layer. They are attention that
 is already attncc's, so nothing is matched or rewritten; each becomes a report row, and its op's
 `site` argument becomes the row's key, so the op records into it what it ran on each call."""
 
@@ -12,7 +12,9 @@ from attncc.report import Site
 
 from .context import Context
 
-STATE_OPS = {"linear_state": "linear", "mala_state": "mala"}
+STATE_OPS = {"linear_state": "linear", "mala_state": "mala", "window_state": "sparse"}
+HOLDS = {"window_state": "decodes from the StateCache's window cache: the sinks and the last window keys, not the "
+                         "whole KV cache"}
 
 
 def find_state_sites(ctx: Context) -> None:
@@ -27,10 +29,10 @@ def find_state_sites(ctx: Context) -> None:
             continue
         module = node.args[-1] if isinstance(node.args[-1], str) else str(node.kwargs.get("site", ""))
         q, k = (shape_of(a) for a in node.args[:2])
-        site = Site(kind="attention", module=module, layer=layer_of(module), pattern=f"{name} (recurrent state)",
+        site = Site(kind="attention", module=module, layer=layer_of(module), pattern=f"{name} ({'window cache' if name in HOLDS else 'recurrent state'})",
                     heads=_dim(q, 1), kv_heads=_dim(k, 1), head_dim=_dim(q, -1), causal=True, mask="causal+padding",
                     variant=STATE_OPS[name], status="rewritten",
-                    reason="decodes from the StateCache: O(d²) per head, not the KV cache")
+                    reason=HOLDS.get(name, "decodes from the StateCache: O(d²) per head, not the KV cache"))
         state = ctx.add_site(site, None)
         node.update_arg(len(node.args) - 1, state.key)
         ctx.count(f"state.{name}")

@@ -231,7 +231,7 @@ def _generate_matches_the_no_cache_loop(model_name: str, variant: str, status: s
     return model, be, ids, mask, out, sites
 
 
-STATE_VARIANTS = ("linear", "lightning", "decay_0.9", "mala")  # generate decodes them from attncc.decode's state
+STATE_VARIANTS = ("linear", "lightning", "decay_0.9", "mala", "window")  # generate decodes them from attncc.decode's state
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -243,8 +243,9 @@ def test_llama_generate_matches_the_no_cache_loop(variant):
     assert be.report.graphs >= 3 and len({s.graph for s in be.report.attention()}) >= 3, be.report
     assert {s.mask for s in be.report.attention()} == {"causal+padding"}, be.report
     if variant in STATE_VARIANTS:  # generate carried a StateCache: its graphs' sites are the state ops
-        assert all(s.pattern.endswith("(recurrent state)") and s.kernel == "reference recurrent form"
-                   for s in sites), be.report
+        held, kernel = (("(window cache)", "reference") if variant == "window" else
+                        ("(recurrent state)", "reference recurrent form"))
+        assert all(s.pattern.endswith(held) and s.kernel == kernel for s in sites), be.report
         assert len({s.graph for s in sites}) >= 2, be.report  # the prefill and the decode steps
         assert model.config._attn_implementation == "sdpa"  # generate put the model's implementation back
     if variant == "softmax":  # the same math as the model: eager generate's tokens
@@ -322,9 +323,10 @@ def _state_cache(model, policy):
     return decode.state_cache(model, load_policy(policy))
 
 
-@pytest.mark.parametrize("variant", ["linear", "mala"])
+@pytest.mark.parametrize("variant", ["linear", "mala", "window"])
 def test_the_state_cache_holds_the_same_numbers_after_any_prompt(variant):
-    """After a prefill of 8 or of 120 tokens, each layer holds O(heads·d²) numbers: the same count."""
+    """After a prefill of 8 or of 120 tokens, each layer holds O(heads·d²) numbers, or a window's keys
+    and values: the same count."""
     from attncc import decode
 
     torch.manual_seed(0)
@@ -341,13 +343,17 @@ def test_the_state_cache_holds_the_same_numbers_after_any_prompt(variant):
         assert cache.get_seq_length() == length
         sizes.append(cache.numel())
     model.set_attn_implementation("sdpa")
-    heads, d = 4, 8
+    heads, kv_heads, d = 4, 2, 8
     per_layer = heads * d * d + heads * d + (heads * d + 1 if variant == "mala" else 0)
+    if variant == "window":  # keys, values and whether each slot is filled: sinks + window slots
+        slots = VARIANTS["window"]["sinks"] + VARIANTS["window"]["window"]
+        per_layer = 2 * kv_heads * slots * d + slots
     assert sizes == [2 * per_layer] * 2
 
 
 @pytest.mark.parametrize("policy,reason", [
     ({"attention": "softmax"}, "gets softmax, which decodes from its KV cache"),
+    ({"attention": VARIANTS["power"]}, "gets sparse power, which decodes from its KV cache"),
     ({"attention": "linear", "residual": "attnres"}, "AttnRes residual rewrite"),
     ({"attention": {"default": "linear", "rules": [{"where": {"layers": 1}, "use": "softmax"}]}},
      "model.layers.1.self_attn gets softmax"),
@@ -371,6 +377,30 @@ def test_generate_says_why_it_keeps_the_kv_cache(policy, reason):
             compiled.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
                               **{cache_argument(model): DynamicCache()})
             assert "the caller chose the cache" in compiled.state_decode
+
+
+def test_a_hybrid_of_linear_and_window_layers_decodes_from_one_state_cache():
+    """Layer 0 linear, layer 1 a sliding window with a sink: one StateCache holds a recurrent state and a
+    window cache; the tokens and logits are the no-cache loop's (left padding; the ring wraps: a
+    7-token prompt, window 4)."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    ids, mask = _prompts()
+    policy = {"attention": {"default": "linear", "rules": [{"where": {"layers": 1}, "use": VARIANTS["window"]}]}}
+    be = attncc.backend(policy, inner="aot_eager")
+    compiled = attncc.compile(model, be)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compiled.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                output_logits=True, return_dict_in_generate=True)
+        held = {s.module: s.pattern for s in be.report.attention()}
+        tokens, logits = _no_cache_loop(compiled, ids, mask)
+    assert "decodes from its state" in compiled.state_decode
+    assert held == {"model.layers.0.self_attn": "linear_state (recurrent state)",
+                    "model.layers.1.self_attn": "window_state (window cache)"}, held
+    assert out.sequences.tolist() == tokens.tolist()
+    for got, want in zip(out.logits, logits):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_a_model_with_its_own_window_keeps_the_kv_cache():
@@ -410,7 +440,7 @@ def test_state_ops_on_the_kernels_continue_the_reference(variant, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["linear", "lightning", "mala"])
+@pytest.mark.parametrize("variant", ["linear", "lightning", "mala", "window"])
 def test_gpu_state_decode_runs_the_kernels(variant, monkeypatch):
     """On the GPU through Inductor, the prefill runs the state ops on the kernels, and each decode step's
     graph (one query per layer) runs as a CUDA graph: the same tokens and logits as the no-cache loop,
@@ -431,12 +461,14 @@ def test_gpu_state_decode_runs_the_kernels(variant, monkeypatch):
     assert 1 <= len(recorded) < NEW - 2, f"{len(recorded)} CUDA graph recordings over {NEW} new tokens"
     prefill = [s for s in sites if s.graph == min(t.graph for t in sites)]
     steps = [s for s in sites if s not in prefill]
-    assert prefill and all("linear_chunked" in (s.kernel or "") for s in prefill), prefill
+    kernel = "flash" if variant == "window" else "linear_chunked"
+    assert prefill and all(kernel in (s.kernel or "") for s in prefill), prefill
     assert steps and all("Inductor compiled the graph for its CUDA graph trees" in s.reason for s in steps), steps
     assert all("CUDA graph" not in s.reason for s in prefill), prefill
 
 
-def test_every_decode_step_runs_one_graph_on_the_same_state_tensors():
+@pytest.mark.parametrize("variant", ["linear", "window"])
+def test_every_decode_step_runs_one_graph_on_the_same_state_tensors(variant):
     """The decode steps of a state generate are one graph (the mask is trimmed to the new tokens, the
     positions and the count kept outside the graph, so nothing grows): two graphs for 8 tokens, the
     prefill's and the steps', even with every size static. The state tensors are the layer's buffers, updated in place: the same objects before and
@@ -446,7 +478,7 @@ def test_every_decode_step_runs_one_graph_on_the_same_state_tensors():
     torch.manual_seed(0)
     model = _llama().eval()
     ids, mask = _prompts()
-    be = attncc.backend({"attention": "linear"}, inner="aot_eager")
+    be = attncc.backend({"attention": VARIANTS[variant]}, inner="aot_eager")
     compiled = attncc.compile(model, be)
     # without automatic dynamic shapes, a length read inside the graph would recompile it at every step
     with torch.no_grad(), warnings.catch_warnings(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):
@@ -459,7 +491,8 @@ def test_every_decode_step_runs_one_graph_on_the_same_state_tensors():
         compiled.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert len(be.reports) == 2, be.report
     assert all(layer.buffers is b and layer.state is b for b, layer in zip(buffers, layers))
-    assert all(s.pattern.endswith("(recurrent state)") for s in be.reports[1].attention())
+    assert all(s.pattern.endswith("(window cache)" if variant == "window" else "(recurrent state)")
+               for s in be.reports[1].attention())
 
 
 def test_a_second_generate_starts_from_an_empty_state_and_reuses_the_graphs():
