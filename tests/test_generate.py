@@ -351,6 +351,24 @@ def test_the_state_cache_holds_the_same_numbers_after_any_prompt(variant):
     assert sizes == [2 * per_layer] * 2
 
 
+def test_a_window_cache_refuses_a_chunk_after_the_prefill():
+    """A window cache continues one token per call (the queries of a longer chunk would each see a
+    different window of the ring): a chunk of two is an error that says what to do."""
+    from attncc import decode
+    from attncc.errors import AttnccError
+
+    model = _llama().eval()
+    decode.classes()
+    model.set_attn_implementation(decode.IMPLEMENTATION)
+    cache, why = _state_cache(model, {"attention": VARIANTS["window"]})
+    with torch.no_grad():
+        model(torch.randint(3, VOCAB, (1, 6)), **{decode.cache_argument(model): cache}, use_cache=True)
+        model(torch.randint(3, VOCAB, (1, 1)), **{decode.cache_argument(model): cache}, use_cache=True)
+        with pytest.raises(AttnccError, match="one new token per call.*pass a cache to generate"):
+            model(torch.randint(3, VOCAB, (1, 2)), **{decode.cache_argument(model): cache}, use_cache=True)
+    model.set_attn_implementation("sdpa")
+
+
 @pytest.mark.parametrize("policy,reason", [
     ({"attention": "softmax"}, "gets softmax, which decodes from its KV cache"),
     ({"attention": VARIANTS["power"]}, "gets sparse power, which decodes from its KV cache"),
