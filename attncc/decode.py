@@ -386,9 +386,8 @@ def _slot(positions: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
 
 def _window_cache(k, v, key_padding, sinks: int, window: int) -> list[torch.Tensor]:
     """(keys, values, filled) of a window cache after a prompt: its sinks and its last `window` keys."""
-    t = k.shape[-2]
-    positions = torch.cat([torch.arange(torch.sym_min(sinks, t), device=k.device),
-                           torch.arange(torch.sym_max(sinks, t - window), t, device=k.device)])
+    every = torch.arange(k.shape[-2], device=k.device)  # slices, not min/max of sizes: nothing for dynamo to break on
+    positions = torch.cat([every[:sinks], every[sinks:][-window:]])
     slots = _slot(positions, sinks, window)
     b, h, _, d = k.shape
     keys = k.new_zeros((b, h, sinks + window, d)).index_copy_(2, slots, k.index_select(2, positions))

@@ -2,7 +2,7 @@
 Llama of bench_model.py (as LlamaForCausalLM, bf16, random init), greedy, against transformers' eager
 generate (SDPA, DynamicCache) and its compiled static-cache generate.
 
-    python bench/bench_decode.py [--prompt 32768] [--batches 1 16] [--new 64] [--no-static] [--no-window]
+    python bench/bench_decode.py [--prompt 32768] [--batches 1 16] [--new 64] [--no-static] [--no-window] [--no-linear]
 
 Columns: eager generate; static cache, whose decode steps transformers' generate compiles itself
 (its recipe for compiled generation); attncc `linear` (generate carries a StateCache: each layer keeps its recurrent
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--no-static", action="store_true", help="skip the static-cache compiled anchor")
     parser.add_argument("--no-window", action="store_true", help="skip the sliding-window column")
+    parser.add_argument("--no-linear", action="store_true", help="skip the linear column")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -71,7 +72,8 @@ def main() -> None:
     columns = {"eager": lambda: model.generate}
     if not args.no_static:
         columns["static+compile"] = lambda: static_generate(model)
-    columns["attncc linear"] = lambda: attncc.compile(model, {"attention": "linear"}).generate
+    if not args.no_linear:
+        columns["attncc linear"] = lambda: attncc.compile(model, {"attention": "linear"}).generate
     if not args.no_window:
         columns["attncc window(1024)+4"] = lambda: attncc.compile(
             model, {"attention": {"variant": "sparse", "pattern": "sliding_window", "window": 1024, "sinks": 4}}).generate

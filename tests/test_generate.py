@@ -287,7 +287,7 @@ def test_static_cache_decode_refuses_position_dependent_variants():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["softmax", "lssar", "window"])
+@pytest.mark.parametrize("variant", ["softmax", "lssar", "power"])
 def test_gpu_generate_with_kernels_matches_the_no_cache_loop(variant):
     """On the GPU, through Inductor, with the KV cache: the prefill and the no-cache loop run the kernels,
     the decode steps the references (their queries end the keys); the tokens agree, the logits to
