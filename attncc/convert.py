@@ -19,7 +19,10 @@ The steps, in order:
    teacher. AdamW, a fixed seed (deterministic on the CPU), a tqdm bar with loss and tokens/s.
 4. **Fine-tune (optional, `finetune_steps > 0`).** A low-rank fine-tune of the whole model with peft's
    LoRA (rank `lora_rank` on `lora_targets`, by default peft's choice for the model type, e.g. q_proj
-   and v_proj for Llama), the AttnRes parameters trained beside it. The objective is the model's own
+   and v_proj for Llama; with SQA sites, the Linear modules outside the attention, because adapters on
+   W_Q and W_O would hide the head structure SQA's weight surgery reshapes), the AttnRes parameters
+   trained beside it. If the adapted model's graph leaves a transferred site unchanged, convert raises
+   (it would fine-tune the original attention). The objective is the model's own
    loss when the batches carry `labels` (next-token cross-entropy for a causal LM), else the relative
    error of the last layer's output against the teacher. The adapters are merged into the weights at
    the end, so the model keeps its class and its state_dict keys.
@@ -186,10 +189,12 @@ def _convert(model, policy, batches, steps, held_out, lr, seed, inner, progress,
         result = Conversion(before, after, losses, [name for name, _ in trained])
         if finetune_steps > 0:
             backend = Backend(policy, inner=inner, mask_modules=mask_modules)
+            if lora_targets is None and any(s.variant == "sqa" for s in report.attention() if s.status == "rewritten"):
+                lora_targets = _outside_attention(model, modules)
             result.transferred = after
             extra = {"transfer_losses": losses, "transferred": after}
             result.finetune_losses, result.lora_targets = _finetune(
-                model, backend, layers, teacher, batches, finetune_steps, finetune_lr, lora_rank, lora_targets,
+                model, backend, layers, modules, teacher, batches, finetune_steps, finetune_lr, lora_rank, lora_targets,
                 progress, saved, state, extra, seed)
             student = LayerOutputs(attncc_compile(model, backend), model, layers)
             result.after = layer_errors(student, teacher, held_out)
@@ -270,11 +275,12 @@ def _train(model, loss_of, params, batches, steps, lr, desc, progress, saved: _C
     return losses
 
 
-def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets, progress, saved, state, extra,
-              seed):
+def _finetune(model, backend, layers, modules, teacher, batches, steps, lr, rank, targets, progress, saved, state,
+              extra, seed):
     """Step 4: LoRA adapters (peft; their initialization drawn from `seed`) on `targets`, trained with the
     AttnRes parameters, then merged into the weights. Returns the losses and the names of the adapted
-    modules."""
+    modules. The adapted model must still have every site of `modules` rewritten (an adapter can hide
+    the structure a rewrite needs), else this is an error, never a fine-tune of the original attention."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -292,6 +298,13 @@ def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets
 
     def loss_of(batch):
         outputs = student(batch)
+        left = {s.module: s.reason for s in backend.report.attention() if s.status != "rewritten" and s.module in modules}
+        if left:
+            raise AttnccError(
+                f"attncc.convert: with LoRA on {', '.join(names) or 'its modules'}, the fine-tune's graph leaves "
+                f"{len(left)} site(s) unchanged ({'; '.join(f'{m}: {r}' for m, r in sorted(left.items())[:2])}), so it "
+                "would train the original attention; pass lora_targets outside the attention (e.g. the MLP's "
+                "Linear modules)")
         if "labels" in batch:
             return student.result.loss
         with torch.no_grad():
@@ -305,6 +318,15 @@ def _finetune(model, backend, layers, teacher, batches, steps, lr, rank, targets
         student.remove()
         adapted.merge_and_unload()
     return losses, names
+
+
+def _outside_attention(model: nn.Module, modules: list[str]) -> list[str]:
+    """The Linear modules outside the attention `modules` and the output embedding: LoRA targets that
+    leave an SQA site's projections as the rewrite found them (SQA reshapes W_Q and W_O by head)."""
+    prefixes = tuple(m + "." for m in modules)
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith(prefixes) and m is not head]
 
 
 def _train_only(model: nn.Module, modules: list[str]) -> list[tuple[str, nn.Parameter]]:

@@ -135,6 +135,24 @@ def test_lora_fine_tune_names_modules_it_cannot_find():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_lora_fine_tune_of_sqa_adapts_the_mlp_and_refuses_adapters_that_undo_the_rewrite():
+    """SQA reshapes W_Q and W_O by head: LoRA on q_proj/v_proj hides that structure, so the fine-tune's
+    graph would keep the original attention. By default an SQA conversion adapts the Linear modules
+    outside the attention (every site stays rewritten); asked for q_proj and v_proj, convert raises."""
+    import torch
+
+    model, batches = _load("tiny_models").llama_batches()
+    result = attncc.convert(model, {"attention": "sqa"}, batches[1:2], held_out=batches[0], steps=1, progress=False,
+                            finetune_steps=2, lora_rank=2)
+    assert result.lora_targets and not any(".self_attn." in name or "lm_head" in name for name in result.lora_targets)
+    assert any(name.endswith("mlp.down_proj") for name in result.lora_targets)
+    torch._dynamo.reset()
+    model, batches = _load("tiny_models").llama_batches()
+    with pytest.raises(attncc.AttnccError, match="leaves 4 site.*unchanged.*pass lora_targets outside the attention"):
+        attncc.convert(model, {"attention": "sqa"}, batches[1:2], held_out=batches[0], steps=1, progress=False,
+                       finetune_steps=1, lora_targets=["q_proj", "v_proj"])
+
+
 def test_convert_resumes_from_its_checkpoint(tmp_path):
     """Interrupted in the transfer, then in the fine-tune, and resumed each time from the checkpoint: the
     same losses and weights as one uninterrupted run."""
@@ -184,3 +202,39 @@ def test_conversion_plots_are_pictures_of_its_numbers(tmp_path):
     for path in paths:
         image = Image.open(path)
         assert image.size == (600, 320) and len(set(image.convert("RGB").getdata())) > 10  # drawn, not blank
+
+
+def test_convert_lm_recipe_trains_converts_and_reports(tmp_path):
+    """The decoder LM recipe in a reduced CPU form: a tiny byte-level Llama pretrained for 60 steps on the
+    standard library's source, converted to linear attention and to Block AttnRes (3 transfer steps, then the
+    transfer resumed from its checkpoint into 2 LoRA steps); the report's table, JSON and pictures."""
+    import json
+    import math
+
+    report = tmp_path / "lm.md"
+    rows = _load("convert_lm").main([
+        "--size", "tiny", "--train-steps", "60", "--seq", "64", "--batch", "16", "--variants", "linear", "attnres",
+        "--steps", "3", "--finetune-steps", "2", "--lr", "1e-4", "--transfer-batch", "4", "--eval-sequences", "8",
+        "--eval-batch", "8", "--prefill-len", "64", "--inner", "eager", "--convert-inner", "eager", "--no-progress",
+        "--report", str(report)])
+    assert [r["variant"] for r in rows] == ["original", "linear", "attnres"]
+    original, linear, attnres = rows
+    assert original["ppl_original"] < 256  # pretrained: better than a uniform guess over the bytes
+    for r in (linear, attnres):
+        assert all(math.isfinite(r[k]) for k in ("ppl_original", "ppl_transfer", "ppl_finetune", "prefill")), r
+        transfer, result = r["transfer"], r["result"]
+        # the second call resumed the finished transfer from its checkpoint, then fine-tuned
+        assert result.losses == transfer.losses and len(result.finetune_losses) == 2
+        assert result.transferred == pytest.approx(transfer.after, rel=1e-5)
+    assert linear["sites"] == "2/2" and attnres["sites"] == "4/4"
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(linear["transfer"].after) < mean(linear["transfer"].before), linear["transfer"]
+    assert max(attnres["transfer"].before) < 1e-5  # exact_start: the original model at init
+    text = report.read_text()
+    assert "| original |" in text and "| linear | 3 | 2 |" in text and "| attnres | 3 | 2 |" in text
+    saved = json.loads(report.with_suffix(".json").read_text())
+    assert [r["variant"] for r in saved["rows"]] == ["original", "linear", "attnres"]
+    pictures = ["linear/layers.png", "linear/losses.png", "linear/attention.png", "attnres/layers.png",
+                "attnres/losses.png", "attnres/depth_weights.png"]
+    for picture in pictures:
+        assert (tmp_path / "lm" / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"lm/{picture})" in text
