@@ -430,3 +430,16 @@ def _save(fig, plt, path: str | Path) -> Path:
     plt.close(fig)
     return path
 
+
+
+def report_pictures(result, folder: Path, name: str) -> str:
+    """A conversion's pictures for a recipe's Markdown report: `result.save_plots` into `folder`/`name`,
+    and the Markdown lines that show them with the attention and depth-weight pictures already drawn
+    there, linked relative to the report (which sits beside `folder`)."""
+    here = f"{folder.name}/{name}"
+    result.save_plots(folder / name)
+    text = f"\n{name}: ![per-layer error]({here}/layers.png) ![training]({here}/losses.png)\n"
+    for picture in sorted(p.name for p in (folder / name).glob("*.png") if p.name in ("attention.png",
+                                                                                       "depth_weights.png")):
+        text += f"![{picture[:-4].replace('_', ' ')}]({here}/{picture})\n"
+    return text

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 import attncc
-from attncc.pictures import attention_maps, attnres_depth_weights
+from attncc.pictures import attention_maps, attnres_depth_weights, report_pictures
 
 POLICIES = {
     "linear": {"attention": {"default": {"variant": "linear", "feature_map": "elu1"}}},
@@ -428,12 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  "original beside the converted layer's weights; `depth_weights.png` (AttnRes): the mean weight each "
                  "sublayer gives each earlier block output (0 = embedding).\n")
         for r in rows[1:]:
-            r["result"].save_plots(folder / r["variant"])
-            here = f"{folder.name}/{r['variant']}"
-            text += f"\n{r['variant']}: ![per-layer error]({here}/layers.png) ![training]({here}/losses.png)\n"
-            for picture in sorted(p.name for p in (folder / r["variant"]).glob("*.png")
-                                  if p.name in ("attention.png", "depth_weights.png")):
-                text += f"![{picture[:-4].replace('_', ' ')}]({here}/{picture})\n"
+            text += report_pictures(r["result"], folder, r["variant"])
         report.write_text(text)
         record = dict(model=dict(size=args.size, parameters=parameters, config=model.config.to_diff_dict()),
                       pretraining=trained, data=facts, device=name, args=vars(args),

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import attncc
-from attncc.pictures import attention_maps, attnres_depth_weights
+from attncc.pictures import attention_maps, attnres_depth_weights, report_pictures
 from attncc.sentences import docstring_sentences as sentences
 from attncc.sentences import embedding_quality as quality
 from attncc.sentences import mean_pooled as embed
@@ -149,12 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.report:  # with each variant's pictures (Conversion.save_plots, attncc.pictures) beside it
         report = Path(args.report)
         for r in rows:
-            r["result"].save_plots(folder / r["variant"])
-            here = f"{folder.name}/{r['variant']}"
-            text += f"\n{r['variant']}: ![per-layer error]({here}/layers.png) ![training]({here}/losses.png)\n"
-            for picture in sorted(p.name for p in (folder / r["variant"]).glob("*.png")
-                                  if p.name in ("attention.png", "depth_weights.png")):
-                text += f"![{picture[:-4].replace('_', ' ')}]({here}/{picture})\n"
+            text += report_pictures(r["result"], folder, r["variant"])
         report.write_text(text)
     print(text)
     return rows
