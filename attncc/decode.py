@@ -59,7 +59,7 @@ class Plan:
     def state_buffers(self, batch: int) -> list[tuple[tuple[int, ...], torch.dtype]] | None:
         """The (shape, dtype) of each tensor of the layer's state for `batch` rows (keys and values of
         head_dim each), or None where the module does not say its head counts and head dim."""
-        if self.heads is None or self.head_dim is None or self.kv_heads is None:
+        if self.heads is None or self.head_dim is None or (self.variant == "sparse" and self.kv_heads is None):
             return None
         b, h, d, f32 = batch, self.heads, self.head_dim, torch.float32
         if self.variant == "sparse":
@@ -164,7 +164,9 @@ def _cache_classes():
             step updates them in place, so a decode step's graph reads the same tensors every step and
             every generate (static addresses, which a CUDA graph needs)."""
             specs = self.plan.state_buffers(batch)
-            if specs is None:
+            if specs is None:  # the state is whatever the ops return; a window still needs its position here
+                if self.position is None or self.position.device != torch.device(device):
+                    self.position = torch.zeros(1, dtype=torch.long, device=device)
                 return
             if self.buffers is None or [(tuple(t.shape), t.dtype) for t in self.buffers] != specs or \
                     self.buffers[0].device != torch.device(device):
