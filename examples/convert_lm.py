@@ -9,7 +9,8 @@ The text is real and offline: the `.py` files of this Python's standard library 
 test suites, idlelib, lib2to3, the encodings tables and site-packages), as UTF-8 bytes, one token per byte
 (vocabulary 256, no tokenizer to download). Every 20th file is validation text, the others training
 text, so the two are disjoint. The model is transformers' `LlamaForCausalLM` from a config (`--size base`:
-hidden 512, 8 layers, 8 heads, about 25M parameters; `--size tiny`: hidden 64, 2 layers, 4 heads),
+hidden 512, 8 layers, 8 heads, about 25M parameters; `--size small`: hidden 128, 4 layers, 4 heads,
+about 0.9M, for a CPU run of minutes; `--size tiny`: hidden 64, 2 layers, 4 heads, for the test),
 pretrained from scratch (AdamW, warmup and cosine, bf16 autocast and Inductor on CUDA) for
 `--train-seconds` or `--train-steps`, whichever ends first.
 
@@ -60,6 +61,7 @@ POLICIES = {
 }
 SIZES = {
     "base": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, intermediate_size=1408),
+    "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=352),  # a CPU run
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=176),
 }
 SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "encodings", "ensurepip",
