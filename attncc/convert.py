@@ -295,16 +295,13 @@ def _finetune(model, backend, layers, modules, teacher, batches, steps, lr, rank
         p.requires_grad_(True)
     names = sorted(getattr(adapted.base_model, "targeted_module_names", []))
     student = LayerOutputs(attncc_compile(model, backend), model, layers)
+    checked = [0]  # the backend's graphs checked so far: each new graph once, not every step
 
     def loss_of(batch):
         outputs = student(batch)
-        left = {s.module: s.reason for s in backend.report.attention() if s.status != "rewritten" and s.module in modules}
-        if left:
-            raise AttnccError(
-                f"attncc.convert: with LoRA on {', '.join(names) or 'its modules'}, the fine-tune's graph leaves "
-                f"{len(left)} site(s) unchanged ({'; '.join(f'{m}: {r}' for m, r in sorted(left.items())[:2])}), so it "
-                "would train the original attention; pass lora_targets outside the attention (e.g. the MLP's "
-                "Linear modules)")
+        if len(backend.reports) != checked[0]:
+            checked[0] = len(backend.reports)
+            _check_rewritten(backend, modules, names)
         if "labels" in batch:
             return student.result.loss
         with torch.no_grad():
@@ -318,6 +315,17 @@ def _finetune(model, backend, layers, modules, teacher, batches, steps, lr, rank
         student.remove()
         adapted.merge_and_unload()
     return losses, names
+
+
+def _check_rewritten(backend: Backend, modules: list[str], adapted: list[str]) -> None:
+    """AttnccError if the fine-tune's graphs leave a transferred site (of `modules`) unchanged."""
+    left = {s.module: s.reason for s in backend.report.attention() if s.status != "rewritten" and s.module in modules}
+    if left:
+        raise AttnccError(
+            f"attncc.convert: with LoRA on {', '.join(adapted) or 'its modules'}, the fine-tune's graph leaves "
+            f"{len(left)} site(s) unchanged ({'; '.join(f'{m}: {r}' for m, r in sorted(left.items())[:2])}), so it "
+            "would train the original attention; pass lora_targets outside the attention (e.g. the MLP's "
+            "Linear modules)")
 
 
 def _outside_attention(model: nn.Module, modules: list[str]) -> list[str]:

@@ -200,7 +200,7 @@ def _cache_classes():
             p, c = self.plan, self.plan.constants
             sinks, window = c["sinks"], c["window"]
             if self.state is None:
-                o = window_state(q, k, v, key_padding, scale, window, sinks, self.kernels, p.module)
+                o = window_state(q, k, v, key_padding, scale, window, sinks, False, self.kernels, p.module)
                 self._keep(_window_cache(k, v, key_padding, sinks, window))
                 if not self.managed:
                     self.position = torch.full((1,), k.shape[-2], dtype=torch.long, device=k.device)
@@ -215,7 +215,7 @@ def _cache_classes():
             values.index_copy_(2, slot, v)
             new = key_padding[:, -1:] if key_padding is not None else torch.ones_like(valid[:, :1])
             valid.index_copy_(1, slot, new)
-            o = window_state(q, keys, values, valid, scale, window, sinks, self.kernels, p.module)
+            o = window_state(q, keys, values, valid, scale, window, sinks, True, self.kernels, p.module)
             if not self.managed:
                 self.position = self.position + 1
                 self.seen = self.seen + 1

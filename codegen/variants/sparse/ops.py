@@ -3,7 +3,7 @@ flash kernel cannot take): attncc::sparse_attention(q, k, v, key_padding?, scale
 sinks, block, window_blocks, mask_fn?, causal). It runs the reference (reference.py); its gradient
 recomputes the reference (base.reference_op). sliding_window and power run on softmax's flash kernel.
 
-attncc::window_state(q, k, v, key_padding?, scale, window, sinks, kernels, site) is a sliding window's
+attncc::window_state(q, k, v, key_padding?, scale, window, sinks, step, kernels, site) is a sliding window's
 prefill and decode step for attncc.decode's window cache (flash kernel or reference).
 """
 
@@ -47,13 +47,13 @@ reference_op(sparse_attention, reference, tensors=4)
 
 @torch.library.custom_op("attncc::window_state", mutates_args=())
 def window_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None, scale: float,
-                 window: int, sinks: int, kernels: str, site: str) -> torch.Tensor:
-    """Sliding-window attention with sinks for a StateCache layer (attncc.decode). A prefill (Tq == Tk):
-    the causal window over the prompt, as the graph rewrite computes it. A decode step (Tq < Tk): k, v
+                 window: int, sinks: int, step: bool, kernels: str, site: str) -> torch.Tensor:
+    """Sliding-window attention with sinks for a StateCache layer (attncc.decode). A prefill (not `step`):
+    the causal window over the prompt, as the graph rewrite computes it. A decode `step`: k, v
     are the layer's window cache, the sinks and the last `window` keys in slot order (a ring), and
     `key_padding` marks the filled slots; every filled slot is in the queries' window, so the step is
     softmax over them, in any order. Inference only: no backward."""
-    prefill = q.shape[-2] == k.shape[-2]
+    prefill = not step
     if prefill:
         constants = dict(causal=True, pattern="sliding_window", window=window, sinks=sinks)
     else:
@@ -72,5 +72,5 @@ def window_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding:
 
 
 @window_state.register_fake
-def _(q, k, v, key_padding, scale, window, sinks, kernels, site):
+def _(q, k, v, key_padding, scale, window, sinks, step, kernels, site):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
