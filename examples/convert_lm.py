@@ -381,6 +381,56 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                 batch_size=args.eval_batch)[0],
                     prefill=prefill_rate(model, None, prefill, inner=inner))
     folder = Path(args.report).with_suffix("") if args.report else None
+
+    def write(rows: list[dict]) -> str:
+        """The report of the rows so far (written to --report after every variant, so a cut-short run keeps its finished rows)."""
+        name = "cuda: " + torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
+        heads = model.config.num_attention_heads
+        text = (f"# A byte-level Llama on the Python standard library, converted by attncc\n\n"
+                f"`LlamaForCausalLM` ({args.size}: hidden {model.config.hidden_size}, {model.config.num_hidden_layers} "
+                f"layers, {heads} heads, {model.config.num_key_value_heads} kv heads; {parameters / 1e6:.1f}M "
+                f"parameters), bytes as tokens (vocabulary 256), pretrained from scratch on {device} ({name}) for "
+                f"{trained['steps']} steps of {args.batch} x {args.seq} bytes: {trained['tokens'] / 1e6:.1f}M tokens "
+                f"({trained['tokens'] / facts['train_bytes']:.1f} passes over the training text), "
+                f"{trained['seconds']:.0f} s after the first (compiling) step, "
+                f"{trained['tokens_per_second']:,.0f} tokens/s; last training loss {trained['final_loss']:.3f}. "
+                f"Data: the `.py` files of the Python {facts['python']} standard library (no tests, idlelib, lib2to3, "
+                f"encodings, site-packages), {facts['train_files']} files ({facts['train_bytes'] / 1e6:.1f} MB) for "
+                f"training, every {VALIDATION_EVERY}th file, {facts['validation_files']} files "
+                f"({facts['validation_bytes'] / 1e6:.2f} MB), for validation; perplexity per byte over "
+                f"{args.eval_sequences} validation sequences of {args.seq} bytes ({'bf16 autocast' if cuda else 'fp32'}, "
+                f"compiled with {inner}). "
+                f"Conversion: `attncc.convert` ({args.steps} transfer steps at lr {args.lr:g}, then, resumed from the "
+                f"transfer's checkpoint, {args.finetune_steps} LoRA steps at lr {args.finetune_lr:g} on the model's "
+                f"loss; batches of {args.transfer_batch} x {args.seq}; inner compiler {args.convert_inner}); convert (s) "
+                "is both calls, compiling included. "
+                f"Prefill: one forward pass of {prefill_batch} x {prefill_len} tokens, no cache, median of 5 after 2 "
+                f"warmup calls, against the original (SDPA) compiled the same way in this run.\n\n"
+                f"Policies: " + "; ".join(f"`{v}` {json.dumps(POLICIES[v])}" for v in args.variants) + ". "
+                "`attnres` keeps the attention; with `exact_start` it computes the original model at init (layer error "
+                "0), so its transfer can only move it away (AdamW's first steps are about the learning rate in size, "
+                "whatever the gradient) and only the fine-tune, on the model's loss, can improve on the original.\n\n"
+                + table(rows) + "\n")
+        notes = [f"- {r['variant']}, {note}" for r in rows[1:] for note in r.get("notes", [])]
+        if notes:
+            text += "\nNotes (attncc's warnings during the conversions):\n\n" + "\n".join(notes) + "\n"
+        if args.report:
+            report = Path(args.report)
+            report.parent.mkdir(parents=True, exist_ok=True)
+            text += ("\nPictures per variant: the per-layer error against the original before, after the transfer and "
+                     "after the fine-tune, and the training curves; `attention.png`: the attention of the middle layer on "
+                     f"the first {PICTURE_TOKENS} bytes of the first validation sequence, averaged over heads, of the "
+                     "original beside the converted layer's weights; `depth_weights.png` (AttnRes): the mean weight each "
+                     "sublayer gives each earlier block output (0 = embedding).\n")
+            for r in rows[1:]:
+                text += report_pictures(r["result"], folder, r["variant"])
+            report.write_text(text)
+            record = dict(model=dict(size=args.size, parameters=parameters, config=model.config.to_diff_dict()),
+                          pretraining=trained, data=facts, device=name, args=vars(args),
+                          rows=[{k: r[k] for k in JSON_KEYS if k in r} for r in rows])
+            report.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+        return text
+
     rows = [original]
     for v in args.variants:
         row = run(v, model, train_batches, evaluation, prefill, steps=args.steps, finetune_steps=args.finetune_steps,
@@ -390,53 +440,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row["ppl_original"] = original["ppl_original"]
         rows.append(row)
         print(table([original, row]).splitlines()[-1], flush=True)  # each row as it is measured
+        write(rows)
 
-    name = "cuda: " + torch.cuda.get_device_name(device) if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    heads = model.config.num_attention_heads
-    text = (f"# A byte-level Llama on the Python standard library, converted by attncc\n\n"
-            f"`LlamaForCausalLM` ({args.size}: hidden {model.config.hidden_size}, {model.config.num_hidden_layers} "
-            f"layers, {heads} heads, {model.config.num_key_value_heads} kv heads; {parameters / 1e6:.1f}M "
-            f"parameters), bytes as tokens (vocabulary 256), pretrained from scratch on {device} ({name}) for "
-            f"{trained['steps']} steps of {args.batch} x {args.seq} bytes: {trained['tokens'] / 1e6:.1f}M tokens "
-            f"({trained['tokens'] / facts['train_bytes']:.1f} passes over the training text), "
-            f"{trained['seconds']:.0f} s after the first (compiling) step, "
-            f"{trained['tokens_per_second']:,.0f} tokens/s; last training loss {trained['final_loss']:.3f}. "
-            f"Data: the `.py` files of the Python {facts['python']} standard library (no tests, idlelib, lib2to3, "
-            f"encodings, site-packages), {facts['train_files']} files ({facts['train_bytes'] / 1e6:.1f} MB) for "
-            f"training, every {VALIDATION_EVERY}th file, {facts['validation_files']} files "
-            f"({facts['validation_bytes'] / 1e6:.2f} MB), for validation; perplexity per byte over "
-            f"{args.eval_sequences} validation sequences of {args.seq} bytes ({'bf16 autocast' if cuda else 'fp32'}, "
-            f"compiled with {inner}). "
-            f"Conversion: `attncc.convert` ({args.steps} transfer steps at lr {args.lr:g}, then, resumed from the "
-            f"transfer's checkpoint, {args.finetune_steps} LoRA steps at lr {args.finetune_lr:g} on the model's "
-            f"loss; batches of {args.transfer_batch} x {args.seq}; inner compiler {args.convert_inner}); convert (s) "
-            "is both calls, compiling included. "
-            f"Prefill: one forward pass of {prefill_batch} x {prefill_len} tokens, no cache, median of 5 after 2 "
-            f"warmup calls, against the original (SDPA) compiled the same way in this run.\n\n"
-            f"Policies: " + "; ".join(f"`{v}` {json.dumps(POLICIES[v])}" for v in args.variants) + ". "
-            "`attnres` keeps the attention; with `exact_start` it computes the original model at init (layer error "
-            "0), so its transfer can only move it away (AdamW's first steps are about the learning rate in size, "
-            "whatever the gradient) and only the fine-tune, on the model's loss, can improve on the original.\n\n"
-            + table(rows) + "\n")
-    notes = [f"- {r['variant']}, {note}" for r in rows[1:] for note in r.get("notes", [])]
-    if notes:
-        text += "\nNotes (attncc's warnings during the conversions):\n\n" + "\n".join(notes) + "\n"
-    if args.report:
-        report = Path(args.report)
-        report.parent.mkdir(parents=True, exist_ok=True)
-        text += ("\nPictures per variant: the per-layer error against the original before, after the transfer and "
-                 "after the fine-tune, and the training curves; `attention.png`: the attention of the middle layer on "
-                 f"the first {PICTURE_TOKENS} bytes of the first validation sequence, averaged over heads, of the "
-                 "original beside the converted layer's weights; `depth_weights.png` (AttnRes): the mean weight each "
-                 "sublayer gives each earlier block output (0 = embedding).\n")
-        for r in rows[1:]:
-            text += report_pictures(r["result"], folder, r["variant"])
-        report.write_text(text)
-        record = dict(model=dict(size=args.size, parameters=parameters, config=model.config.to_diff_dict()),
-                      pretraining=trained, data=facts, device=name, args=vars(args),
-                      rows=[{k: r[k] for k in JSON_KEYS if k in r} for r in rows])
-        report.with_suffix(".json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    print(text)
+    print(write(rows))
     return rows
 
 
