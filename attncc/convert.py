@@ -393,14 +393,14 @@ def _real(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     mask = batch.get("attention_mask")
     ids = batch.get("input_ids")
     if mask is None:
-        return torch.ones(ids.shape[:2]) if ids is not None else torch.ones(1, 1)
+        return torch.ones(ids.shape[:2], device=ids.device) if ids is not None else torch.ones(1, 1)
     return mask.float()
 
 
 def _relative_errors(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                      weight: torch.Tensor) -> list[torch.Tensor]:
     """Per layer: Σ w·|s - t|² / Σ w·|t|² over real tokens."""
-    w = weight[..., None].to(teacher[0].dtype)
+    w = weight[..., None].to(teacher[0].device, teacher[0].dtype)
     return [((s - t) ** 2 * w).sum() / ((t ** 2) * w).sum().clamp(min=1e-12) for s, t in zip(student, teacher)]
 
 

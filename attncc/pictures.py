@@ -244,7 +244,7 @@ def attention_maps(original: nn.Module, converted: nn.Module, policy: Any, batch
     weights, note = variant_weights(variant, site.params, q, k, causal=bool(site.causal), scale=site.scale,
                                     key_padding=keys, layer=site.layer or 0, layers=layers)
     index = torch.tensor(tokens)
-    crop = lambda w: w[0][:, index][:, :, index].float()  # noqa: E731
+    crop = lambda w: w[0][:, index][:, :, index].float().cpu()  # noqa: E731
     if site.status != "rewritten":
         note = note or f"the site is {site.status}: the model's softmax"
     maps = AttentionMaps(site.module, site.layer, variant, dict(site.params) if variant != "keep" else {},

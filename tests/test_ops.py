@@ -309,3 +309,22 @@ def test_mask_check_sees_a_mask_changed_in_place():
     mask.copy_(_causal_masks("packed").to(DEVICE))
     with pytest.raises(MaskMismatch):
         torch.ops.attncc.mask_keys(mask, "causal", 0, 20, "site")
+
+
+@pytest.mark.parametrize("policy", ["softmax", {"variant": "sparse", "window": 8, "sinks": 2},
+                                    {"variant": "linear", "feature_map": "elu1"}], ids=["softmax", "window", "linear"])
+def test_kernels_under_autocast_see_one_dtype(policy):
+    """Under torch.autocast the model's rotary q and k are fp32 beside a low-precision v; SDPA casts them
+    (autocast), so the site casts them for its kernel too, whose name then says the autocast dtype."""
+    model, args, kwargs = _llama16(False)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16 tl.dot
+    torch._dynamo.reset()
+    reference = attncc.backend({"attention": policy}, inner="aot_eager", kernels="reference")
+    kernels = attncc.backend({"attention": policy}, inner="aot_eager", kernels="triton")
+    with torch.autocast(DEVICE, dtype=dtype):
+        ref = torch.compile(model, backend=reference)(*args, **kwargs)[0]
+        torch._dynamo.reset()
+        out = torch.compile(model, backend=kernels, fullgraph=True)(*args, **kwargs)[0]
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    names = [s.kernel for s in kernels.report.attention()]
+    assert len(names) == 2 and all(n.endswith(emit.dtype_name(dtype)) for n in names), names

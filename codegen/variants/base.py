@@ -90,6 +90,7 @@ class SiteCall:
         return f"attncc_{self.variant.name}"
 
     def __call__(self, q, k, v, mask=None, scale=1.0, dropout_p=0.0) -> torch.Tensor:
+        q, k, v = autocast(q, k, v)
         return self.variant.run(self, q, k, v, mask, scale, dropout_p)
 
     def use_kernels(self, *tensors: torch.Tensor) -> bool:
@@ -130,6 +131,19 @@ class SiteCall:
         if self.mask.causal and q.shape[-2] != k.shape[-2]:
             return "the causal queries end a longer key sequence (a decode step); the kernels need Tq == Tk"
         return None
+
+
+def autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v as `scaled_dot_product_attention` sees them under autocast: in autocast's dtype.
+
+    Autocast casts SDPA's (and matmul's) inputs, so a site inside `torch.autocast` can get q and k in
+    fp32 (rotary embeddings multiply by fp32 cos/sin) beside a bf16 v. The variant ops are custom ops,
+    which autocast does not touch; the site casts for them, so they see what the original op saw."""
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (q, k, v))
 
 
 def served(site: SiteFacts, structures: tuple[str, ...], title: str) -> str | None:

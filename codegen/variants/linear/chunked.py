@@ -362,6 +362,8 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     """
     B, H, T, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"linear kernel: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     BK, BVS = _blocks(D, DV)
     BV = min(BVS, 64)
