@@ -116,7 +116,7 @@ def test_kernel_sources_are_dumped(tmp_path, monkeypatch):
 @pytest.mark.parametrize("policy", [
     {"variant": "sparse", "window": 256, "sinks": 4},
     {"variant": "sparse", "pattern": "power", "block": 128, "window_blocks": 2},
-    "softmax",
+    {"variant": "softmax", "kernel": "attncc"},
 ], ids=["window", "power", "softmax"])
 def test_gpu_llama_bf16_kernel_path_matches_reference(policy):
     from transformers import LlamaConfig, LlamaModel
@@ -328,3 +328,63 @@ def test_kernels_under_autocast_see_one_dtype(policy):
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     names = [s.kernel for s in kernels.report.attention()]
     assert len(names) == 2 and all(n.endswith(emit.dtype_name(dtype)) for n in names), names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "cudnn", "flash"])
+def test_gpu_dense_site_runs_the_kernel_measured_or_chosen(kernel):
+    """A dense causal softmax site on CUDA runs the fastest kernel measured at trace time (auto) or the
+    policy's: the report names it (with the times under auto), and a training step compiled on one batch
+    and called with another matches the reference path, outputs and gradients."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from attncc.codegen.variants.softmax import route
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      attn_implementation="sdpa")
+    model = LlamaModel(cfg).to("cuda", torch.bfloat16)
+    policy = {"attention": {"variant": "softmax", "kernel": kernel}}
+    torch._dynamo.reset()
+    be = attncc.backend(policy)
+    compiled = torch.compile(model, backend=be)
+    reference = torch.compile(model, backend=attncc.backend(policy, inner="aot_eager", kernels="reference"))
+    for batch in (1, 2):
+        ids = torch.randint(0, 1000, (batch, 1024), device="cuda")
+        out = compiled(ids, use_cache=False)[0]
+        ref = reference(ids, use_cache=False)[0]
+        err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+        assert err < 2e-2, (batch, err)
+        w = torch.randn_like(out)
+        params = [p for p in model.parameters() if p.dim() == 2][:4]
+        grads = torch.autograd.grad((out.float() * w).sum(), params)
+        ref_grads = torch.autograd.grad((ref.float() * w).sum(), params)
+        for a, b in zip(grads, ref_grads):
+            assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 5e-2
+    names = [s.kernel for s in be.report.attention()]
+    assert len(names) == 2, be.report
+    if kernel == "auto":
+        assert all("fastest measured fwd+bwd" in n and n.split(" ")[0] in ("sdpa_cudnn", "sdpa_flash")
+                   or n.startswith("flash_dense_causal") for n in names), names
+        assert route._CHOSEN, "the measurement is cached"
+    else:
+        assert all(n == f"sdpa_{kernel} (the policy's kernel)" for n in names), names
+
+
+def test_dense_kernel_choice_on_the_cpu_and_its_errors():
+    """The policy's `kernel` is a CUDA choice: on the CPU the site runs the reference; a forced SDPA
+    backend that cannot run a site names the fix; fp32 sites are not measured (cuDNN and FA2 take fp16/bf16)."""
+    from attncc.codegen.variants.softmax import route
+    from attncc.errors import AttnccError
+
+    model, args, kwargs, _ = zoo.llama("sdpa")
+    be = attncc.backend({"attention": {"variant": "softmax", "kernel": "cudnn"}}, inner="aot_eager")
+    out = torch.compile(model, backend=be)(*args, **kwargs)[0]
+    torch.testing.assert_close(out, model(*args, **kwargs)[0], rtol=1e-5, atol=1e-5)
+    assert {s.kernel for s in be.report.attention()} == {"reference"}
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(AttnccError, match="kernel 'cudnn'.*cannot run.*kernel: auto"):
+        route.sdpa("cudnn", q, q, q, scale=0.25, causal=True)
+    choice = route.choose("auto", q, q, q, scale=0.25, causal=True)
+    assert choice.kernel == "attncc" and "fp16 and bf16" in choice.note

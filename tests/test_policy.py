@@ -44,13 +44,13 @@ def with_default(use: object) -> dict:
     "name, cls, params",
     [
         ("keep", Keep, {}),
-        ("softmax", Softmax, {}),
+        ("softmax", Softmax, {"kernel": "auto"}),
         ("linear", Linear, {"feature_map": "elu1", "normalize": True, "decay": "none", "eps": 1e-6}),
         ("sparse", Sparse, {"pattern": "sliding_window", "window": 1024, "sinks": 0, "block": 128,
                             "window_blocks": 5, "mask": None}),
         ("softplus", Softplus, {"reweight_p": 15.0}),
         ("mala", Mala, {"sim_scale": None}),
-        ("sqa", SQA, {"query_heads": None, "kv_heads": None, "init": "mean"}),
+        ("sqa", SQA, {"query_heads": None, "kv_heads": None, "init": "mean", "kernel": "auto"}),
     ],
 )
 def test_attention_variant_defaults(name, cls, params):
@@ -295,6 +295,9 @@ def rule(where: object, use: object = "keep") -> dict:
         (with_default({"variant": "sparse", "mask": "m:f"}), ["attention.default.mask", "only pattern 'block'"]),
         (with_default({"variant": "sparse", "pattern": "block", "mask": "m.f"}),
          ["attention.default.mask", "'module:function'"]),
+        (with_default({"variant": "softmax", "kernel": "cdnn"}),
+         ["attention.default.kernel", "did you mean 'cudnn'?", "Valid: auto, attncc, cudnn, flash"]),
+        (with_default({"variant": "sqa", "kernel": "fa2"}), ["attention.default.kernel", "Valid: auto, attncc, cudnn, flash"]),
         (with_default({"variant": "softplus", "reweight_p": -1}), ["attention.default.reweight_p", ">= 0"]),
         (with_default({"variant": "softplus", "reweight_p": float("inf")}),
          ["attention.default.reweight_p", "finite number"]),

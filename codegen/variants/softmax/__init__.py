@@ -10,7 +10,7 @@ The sparse variant runs its patterns on the same kernel.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -19,15 +19,20 @@ from attncc.config import VariantConfig
 from attncc.facts import SiteFacts
 
 from ..base import SiteCall, Variant, scaled
-from . import ops
+from . import ops, route
 from .reference import softmax_attention
+
+DenseKernel = Literal["auto", "attncc", "cudnn", "flash"]
 
 
 @dataclass(frozen=True)
 class Softmax(VariantConfig):
-    """attncc's own softmax attention op (same math as the original)."""
+    """attncc's own softmax attention op (same math as the original). `kernel`: what a dense site (mask
+    none or causal, no padding) runs on CUDA: the fastest measured (auto), attncc's flash kernel, or
+    SDPA's cuDNN or FlashAttention-2 backend (route.py)."""
 
     variant: ClassVar[str] = "softmax"
+    kernel: DenseKernel = "auto"
 
 
 class SoftmaxVariant(Variant):
@@ -38,6 +43,9 @@ class SoftmaxVariant(Variant):
 
     def check(self, site: SiteFacts, config: Softmax) -> str | None:
         return None  # the same math as any matched site: every site can take it
+
+    def constants(self, site: SiteFacts, config: Softmax) -> dict:
+        return {"kernel": config.kernel}
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         return attention(call, q, k, v, mask, scale, dropout_p)
@@ -65,6 +73,12 @@ def attention(call: SiteCall, q, k, v, mask, scale, dropout_p=0.0) -> torch.Tens
     if kind.checked:
         return ops.flash_checked(q, k, v, mask, scale=scale, kind=kind.structure, window=window, site=call.key)
     pattern = "sliding_window" if kind.structure == "sliding_window" else "dense"
+    if pattern == "dense" and not kind.padding and call.kernels == "auto":
+        choice = route.choose(call.constants.get("kernel", "auto"), q, k, v, scale=scale, causal=causal)
+        name = ops.flash_spec(q, k, causal=causal, pattern=pattern).name if choice.kernel == "attncc" else \
+            f"sdpa_{choice.kernel}"
+        call.ran(f"{name} ({choice.note})")
+        return route.run(choice.kernel, q, k, v, scale=scale, causal=causal)
     keys = static_keys(mask, q) if kind.padding else None
     call.ran(ops.flash_spec(q, k, causal=causal, pattern=pattern, window=window, padded=kind.padding).name)
     return ops.flash(q, k, v, keys, scale=scale, causal=causal, pattern=pattern, window=window)

@@ -15,7 +15,7 @@ from attncc.config import VariantConfig
 from attncc.facts import SiteFacts
 
 from ..base import SiteCall, Variant
-from ..softmax import attention
+from ..softmax import DenseKernel, attention
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class SQA(VariantConfig):
     query_heads: int | None = None
     kv_heads: int | None = None
     init: Literal["mean", "select"] = "mean"
+    kernel: DenseKernel = "auto"  # as softmax's: what a dense site runs on CUDA (softmax/route.py)
 
 
 def head_counts(heads: int, kv_heads: int, config: SQA) -> tuple[int, int] | str:
@@ -58,6 +59,9 @@ class SQAVariant(Variant):
         if counts == (site.heads, site.kv_heads) and config.query_heads is None:
             return "sqa with these heads is the identity"
         return None
+
+    def constants(self, site: SiteFacts, config: SQA) -> dict:
+        return {"kernel": config.kernel}
 
     def run(self, call: SiteCall, q, k, v, mask, scale, dropout_p) -> torch.Tensor:
         return attention(call, q, k, v, mask, scale, dropout_p)
