@@ -7,6 +7,8 @@ into causal=True, and the site runs attncc's flash kernel. Inner compiler Induct
 columns. The output of each compiled model is checked against eager first.
 
     python bench/bench_model.py [--sizes 8192 32768] [--layers 16]
+    python bench/bench_model.py --train --sizes 8192          # a training step (forward + backward)
+    python bench/bench_model.py --residual 8 --sizes 32768    # + a column with Block AttnRes (blocks of 8)
 
 Prints a markdown table last; writes it to $OUT/bench_model.md when OUT is set.
 """
@@ -67,6 +69,31 @@ def floor(model, ids, kwargs) -> float:
         model.config._attn_implementation = saved
 
 
+def step(ids, kwargs, train: bool):
+    """`run(fn, owner)`: one call of `fn` (the eager model or a compiled one); with `train` also the backward
+    of the mean square of the output, after which the gradients of `owner`'s parameters are dropped."""
+    def run(fn, owner):
+        out = fn(ids, **kwargs)[0]
+        if train:
+            out.float().square().mean().backward()
+            owner.zero_grad(set_to_none=True)
+        return out.detach()
+
+    return run
+
+
+def with_attnres(model, run, policy: str, block_size: int) -> float:
+    """attncc with `policy` plus Block AttnRes, on a copy of the model (its new parameters go on the copy)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = attncc.compile(twin, {"attention": policy, "residual": {"variant": "attnres", "block_size": block_size}})
+    run(compiled, twin)
+    t = triton.testing.do_bench(lambda: run(compiled, twin), warmup=2, rep=20)
+    return t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
@@ -75,6 +102,11 @@ def main() -> None:
                         help="the attention variant attncc applies (softmax, linear, ...); for any other than "
                              "softmax a last column times the no-attention floor: the same model with each "
                              "attention returning its values, compiled")
+    parser.add_argument("--train", action="store_true",
+                        help="time a training step: forward, then backward of the mean square of the output")
+    parser.add_argument("--residual", type=int, default=0, metavar="BLOCK",
+                        help="also time attncc with the policy plus Block AttnRes (residual: attnres, block_size "
+                             "BLOCK) on a copy of the model; its ratio to the attncc column is AttnRes's cost")
     parser.add_argument("--mask", action="store_true",
                         help="pass an all-ones attention_mask, as pipelines and generate do: the mask reads an "
                              "input, so attncc checks its structure and reads its key padding on every call")
@@ -88,26 +120,27 @@ def main() -> None:
         kwargs = {"use_cache": False}
         if args.mask:
             kwargs["attention_mask"] = torch.ones(1, n, dtype=torch.long, device="cuda")
-        with torch.no_grad():
-            def eager():
-                return model(ids, **kwargs)[0]
-
-            ref = eager()
-            t_eager = triton.testing.do_bench(eager, warmup=2, rep=20)
+        with torch.set_grad_enabled(args.train):
+            run = step(ids, kwargs, args.train)
+            ref = run(model, model)
+            t_eager = triton.testing.do_bench(lambda: run(model, model), warmup=2, rep=20)
 
             torch._dynamo.reset()
             plain = torch.compile(model)
-            out_plain, first_plain = timed_first_call(lambda: plain(ids, **kwargs)[0])
-            t_plain = triton.testing.do_bench(lambda: plain(ids, **kwargs)[0], warmup=2, rep=20)
+            out_plain, first_plain = timed_first_call(lambda: run(plain, model))
+            t_plain = triton.testing.do_bench(lambda: run(plain, model), warmup=2, rep=20)
 
             torch._dynamo.reset()
             be = attncc.backend({"attention": args.policy})
             ours = attncc.compile(model, be)
-            out_ours, first_ours = timed_first_call(lambda: ours(ids, **kwargs)[0])
-            t_ours = triton.testing.do_bench(lambda: ours(ids, **kwargs)[0], warmup=2, rep=20)
+            out_ours, first_ours = timed_first_call(lambda: run(ours, model))
+            t_ours = triton.testing.do_bench(lambda: run(ours, model), warmup=2, rep=20)
             t_floor = float("nan")
-            if args.policy != "softmax":
+            if args.policy != "softmax" and not args.train:
                 t_floor = floor(model, ids, kwargs)
+            t_res = float("nan")
+            if args.residual:
+                t_res = with_attnres(model, run, args.policy, args.residual)
         sites = be.report.attention()
         err_plain = ((out_plain.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
         err_ours = ((out_ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
@@ -115,27 +148,30 @@ def main() -> None:
             err_ours = float("nan")
         print(f"N={n}: sites {len(sites)}, masks {sorted({s.mask for s in sites})}, kernel {sites[0].kernel}; "
               f"rel err vs eager: compile {err_plain:.3g}, attncc {err_ours:.3g}", flush=True)
-        rows.append((n, t_eager, t_plain, first_plain, t_ours, first_ours, t_floor))
+        rows.append((n, t_eager, t_plain, first_plain, t_ours, first_ours, t_floor, t_res))
         del ref, out_plain, out_ours, plain, ours
         torch.cuda.empty_cache()
 
     lines = [
-        f"Llama-style model, {params:.0f}M parameters, bf16, batch 1, prefill (ms, medians of do_bench); "
+        f"Llama-style model, {params:.0f}M parameters, bf16, batch 1, "
+        + ("training step (forward + backward of mean(out^2))" if args.train else "prefill")
+        + " (ms, medians of do_bench); "
         f"attncc = torch.compile with attncc's {args.policy} variant (Inductor inner)"
         + ("; every call passes an all-ones attention_mask (checked at run time)" if args.mask else ""),
         "",
         "| N | eager | torch.compile | attncc | attncc vs compile | attncc vs eager | first call compile / attncc (s) "
-        "| no-attention floor | attncc / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| no-attention floor | attncc / floor | attncc + Block AttnRes({args.residual}) | AttnRes cost |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for n, te, tp, fp, to, fo, tf in rows:
+    for n, te, tp, fp, to, fo, tf, tr in rows:
         lines.append(f"| {n} | {te:.1f} | {tp:.1f} | {to:.1f} | {tp / to:.2f}x | {te / to:.2f}x | {fp:.0f} / {fo:.0f} "
-                     f"| {tf:.1f} | {to / tf:.2f}x |")
+                     f"| {tf:.1f} | {to / tf:.2f}x | {tr:.1f} | {tr / to - 1:+.1%} |")
     table = "\n".join(lines)
     print(table)
     out = os.environ.get("OUT")
     if out:
-        name = "bench_model" + (f"_{args.policy}" if args.policy != "softmax" else "") + ("_mask" if args.mask else "")
+        name = "bench_model" + (f"_{args.policy}" if args.policy != "softmax" else "") + ("_mask" if args.mask else "") \
+            + ("_train" if args.train else "") + (f"_attnres{args.residual}" if args.residual else "")
         pathlib.Path(out, name + ".md").write_text(table + "\n")
 
 
