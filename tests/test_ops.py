@@ -363,7 +363,7 @@ def test_gpu_dense_site_runs_the_kernel_measured_or_chosen(kernel):
         for a, b in zip(grads, ref_grads):
             assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() < 5e-2
     names = [s.kernel for s in be.report.attention()]
-    assert len(names) == 2, be.report
+    assert len(names) >= 2, be.report  # 2 sites per graph (the second batch size may compile another)
     if kernel == "auto":
         assert all("fastest measured fwd+bwd" in n and n.split(" ")[0] in ("sdpa_cudnn", "sdpa_flash")
                    or n.startswith("flash_dense_causal") for n in names), names

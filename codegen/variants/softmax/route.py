@@ -9,6 +9,9 @@ backward when the inputs need gradients), and the fastest wins. The choice and t
 report's kernel column; the policy's `kernel` (auto | attncc | cudnn | flash) overrides it.
 
 Measurements are cached per process by shape and device, so the layers of one model measure once.
+Timing varies from run to run, so two processes can choose differently (both exact, rounding apart): a
+policy that needs bitwise-repeatable runs names its kernel. A measurement that fails for any reason
+leaves the site on attncc's kernel, and the report gives the error.
 Sizes that are symbolic (dynamic shapes) are measured at their hints, the sizes dynamo saw first,
 and the report says so.
 """
@@ -74,7 +77,11 @@ def choose(policy: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
     with _LOCK:
         choice = _CHOSEN.get(key)
         if choice is None:
-            choice = _CHOSEN[key] = _measure(q, k, v, sizes, grad=grad, scale=scale, causal=causal)
+            try:
+                choice = _measure(q, k, v, sizes, grad=grad, scale=scale, causal=causal)
+            except Exception as e:  # measuring must not break a compile: attncc's kernel is always right
+                choice = Choice("attncc", f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            _CHOSEN[key] = choice
     return choice
 
 
