@@ -33,9 +33,11 @@ import anchors
 from anchors import bench, block_mask, sdpa_backend
 
 try:
+    from attncc.codegen.variants.softmax import route
     from attncc.codegen.variants.softmax.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 except ImportError:  # the package is not installed: import the module from the checkout
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from codegen.variants.softmax import route
     from codegen.variants.softmax.flash import flash_attention_bwd, flash_attention_fwd, flash_config
 
 B, H, D = 1, 16, 128
@@ -64,9 +66,22 @@ CASES = [
      sliding_window_mod(1024, 4)),
     ("power(b=256,w=5)", dict(pattern="power", block=256, window_blocks=5), power_mod(256, 5)),
     ("dense causal", dict(pattern="dense"), None),
+    ("dense causal, routed", dict(routed=True), None),  # what a softmax site runs (kernel: auto, route.py)
 ]
 
 def attncc_fns(q, k, v, do, spec):
+    if spec.get("routed"):  # the kernel a dense causal site chooses by measuring (fwd+bwd: q needs grad)
+        choice = route.choose("auto", q, k, v, scale=SCALE, causal=True)
+        print(f"routed: {choice.kernel} ({choice.note})", flush=True)
+
+        def routed():
+            return route.run(choice.kernel, q, k, v, scale=SCALE, causal=True)
+
+        def routed_fwd_bwd():
+            o = routed()
+            return (o,) + torch.autograd.grad(o, (q, k, v), do)
+
+        return routed, routed_fwd_bwd
     kwargs = dict(scale=SCALE, causal=True, **spec)
 
     def fwd():
