@@ -108,8 +108,9 @@ def _measure(q, k, v, sizes, *, grad: bool, scale: float, causal: bool) -> Choic
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SDPA warns why a backend cannot run before it raises
         device = torch.device("cuda", q.device.index) if q.device.index is not None else torch.device("cuda")
-        real = [torch.empty_strided(shape, stride, device=device, dtype=q.dtype).normal_().requires_grad_(grad)
-                for shape, stride in layouts]
+        rng = torch.Generator(device).manual_seed(0)  # the user's RNG stream is left as it was
+        real = [torch.empty_strided(shape, stride, device=device, dtype=q.dtype).normal_(generator=rng)
+                .requires_grad_(grad) for shape, stride in layouts]
         for kernel in ("attncc", "cudnn", "flash"):
             def step(kernel=kernel):
                 o = run(kernel, *real, scale=scale, causal=causal)
