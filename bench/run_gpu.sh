@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
-#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|model|model_linear|model_softplus|model_mask|decode|profile_decode|all
+#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|model|model_train|model_attnres|model_linear|model_softplus|model_mask|decode|profile_decode|all
 # attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
 # checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
@@ -45,6 +45,12 @@ if [ "$what" = model_softplus ]; then
 fi
 if [ "$what" = model_linear ]; then
     python "$REPO/bench/bench_model.py" --policy linear --sizes 8192 32768 2>&1 | tee "$OUT/bench_model_linear.log" | tail -12
+fi
+if [ "$what" = model_train ]; then  # a training step at 8192 (issue 13: softmax >= 1.4x eager; first-call compile)
+    python "$REPO/bench/bench_model.py" --train --sizes ${SIZES:-8192} 2>&1 | tee "$OUT/bench_model_train.log" | tail -8
+fi
+if [ "$what" = model_attnres ]; then  # Block AttnRes (blocks of 8) on top of softmax: its prefill cost (issue 12: <= 5%)
+    python "$REPO/bench/bench_model.py" --residual 8 --sizes ${SIZES:-32768} 2>&1 | tee "$OUT/bench_model_attnres.log" | tail -8
 fi
 if [ "$what" = model_mask ]; then
     python "$REPO/bench/bench_model.py" --sizes 8192 32768 --mask 2>&1 | tee "$OUT/bench_model_mask.log" | tail -12
