@@ -388,3 +388,30 @@ def test_dense_kernel_choice_on_the_cpu_and_its_errors():
         route.sdpa("cudnn", q, q, q, scale=0.25, causal=True)
     choice = route.choose("auto", q, q, q, scale=0.25, causal=True)
     assert choice.kernel == "attncc" and "fp16 and bf16" in choice.note
+
+
+def test_dense_kernel_is_measured_once_per_shape_and_a_failed_measurement_keeps_attncc(monkeypatch):
+    """`kernel: auto` measures once per (shape, strides, dtype, grad, causal) in a process; a measurement
+    that raises leaves the site on attncc's kernel, with the error as the report's reason."""
+    from attncc.codegen.variants.softmax import route
+
+    calls = []
+
+    def measure(q, k, v, sizes, *, grad, scale, causal):
+        calls.append((tuple(sizes), grad))
+        if len(calls) == 3:
+            raise RuntimeError("out of memory\nmore")
+        return route.Choice("cudnn", "fastest measured fwd: ...")
+
+    monkeypatch.setattr(route, "_measure", measure)
+    monkeypatch.setattr(route, "_CHOSEN", {})
+    q = torch.randn(1, 4, 64, 16, dtype=torch.float16)
+    k = torch.randn(1, 2, 64, 16, dtype=torch.float16)
+    first = route.choose("auto", q, k, k, scale=0.25, causal=True)
+    again = route.choose("auto", q.clone(), k.clone(), k.clone(), scale=0.25, causal=True)
+    assert first == again == route.Choice("cudnn", "fastest measured fwd: ...") and len(calls) == 1
+    trained = route.choose("auto", q.requires_grad_(), k, k, scale=0.25, causal=True)
+    assert trained.kernel == "cudnn" and calls[-1][1] is True and len(calls) == 2
+    failed = route.choose("auto", q.detach()[:, :, :32], k[:, :, :32], k[:, :, :32], scale=0.25, causal=True)
+    assert failed == route.Choice("attncc", "not measured: RuntimeError: out of memory")
+    assert route.choose("flash", q, k, k, scale=0.25, causal=True) == route.Choice("flash", "the policy's kernel")
