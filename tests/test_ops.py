@@ -415,3 +415,29 @@ def test_dense_kernel_is_measured_once_per_shape_and_a_failed_measurement_keeps_
     failed = route.choose("auto", q.detach()[:, :, :32], k[:, :, :32], k[:, :, :32], scale=0.25, causal=True)
     assert failed == route.Choice("attncc", "not measured: RuntimeError: out of memory")
     assert route.choose("flash", q, k, k, scale=0.25, causal=True) == route.Choice("flash", "the policy's kernel")
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd+bwd"])
+def test_dense_kernel_measurement_runs_outside_the_trace(grad):
+    """A site measures while AOT traces it with fake tensors: the measurement leaves the tracing modes,
+    times real kernels on the site's device (here attncc's, interpreted, and SDPA's CPU FlashAttention;
+    cuDNN cannot run on the CPU) and adds nothing to the traced graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from attncc.codegen.variants.softmax import route
+
+    chosen = []
+
+    def site(q, k, v):
+        sizes = [int(s) for t in (q, k, v) for s in (*t.shape, *t.stride())]
+        chosen.append(route._measure(q, k, v, sizes, grad=grad, scale=0.25, causal=True))
+        return q * 2
+
+    q = torch.randn(1, 4, 40, 16).transpose(1, 2).contiguous().transpose(1, 2)  # strides of a [B, T, H, D] view
+    k = torch.randn(1, 2, 40, 16)
+    graph = make_fx(site, tracing_mode="fake")(q, k, k)
+    (choice,) = chosen
+    assert choice.note.startswith(f"fastest measured {'fwd+bwd' if grad else 'fwd'}: "), choice
+    assert "attncc flash" in choice.note and choice.note.endswith("; SDPA cuDNN cannot run it"), choice
+    assert choice.kernel in ("attncc", "flash"), choice  # SDPA has a CPU FlashAttention; cuDNN is CUDA only
+    assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [torch.ops.aten.mul.Tensor]

@@ -19,6 +19,7 @@ and the report says so.
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -96,9 +97,9 @@ def _hint(size) -> int | None:
 
 
 def _measure(q, k, v, sizes, *, grad: bool, scale: float, causal: bool) -> Choice:
-    """Time each candidate on real random tensors shaped like q, k, v (outside any tracing mode)."""
+    """Time each candidate on real random tensors shaped like q, k, v, on q's device, outside any tracing
+    mode (the site is traced with fake tensors): triton's do_bench on CUDA, wall-clock elsewhere."""
     from torch.utils._python_dispatch import _disable_current_modes
-    from triton.testing import do_bench
 
     n = len(q.shape)
     layouts = [(sizes[i * 2 * n:i * 2 * n + n], sizes[i * 2 * n + n:(i + 1) * 2 * n]) for i in range(3)]
@@ -107,7 +108,7 @@ def _measure(q, k, v, sizes, *, grad: bool, scale: float, causal: bool) -> Choic
     with _disable_current_modes(), torch.autocast(q.device.type, enabled=False), torch.enable_grad(), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # SDPA warns why a backend cannot run before it raises
-        device = torch.device("cuda", q.device.index) if q.device.index is not None else torch.device("cuda")
+        device = q.device
         rng = torch.Generator(device).manual_seed(0)  # the user's RNG stream is left as it was
         real = [torch.empty_strided(shape, stride, device=device, dtype=q.dtype).normal_(generator=rng)
                 .requires_grad_(grad) for shape, stride in layouts]
@@ -118,7 +119,7 @@ def _measure(q, k, v, sizes, *, grad: bool, scale: float, causal: bool) -> Choic
                     torch.autograd.grad(o, real, torch.ones_like(o))
             try:
                 step()
-                times[kernel] = do_bench(step, warmup=3, rep=30, return_mode="median")
+                times[kernel] = _time(step, device)
             except (RuntimeError, AttnccError) as e:  # the backend cannot take these tensors
                 failed[kernel] = str(e).splitlines()[0][:120]
     if not times:
@@ -128,3 +129,17 @@ def _measure(q, k, v, sizes, *, grad: bool, scale: float, causal: bool) -> Choic
     measured = ", ".join(f"{_NAMES[k]} {t:.3g} ms" for k, t in sorted(times.items(), key=lambda kv: kv[1]))
     unavailable = "".join(f"; {_NAMES[k]} cannot run it" for k in failed)
     return Choice(best, f"fastest measured {what}: {measured}{unavailable}")
+
+
+def _time(fn, device: torch.device) -> float:
+    """Median milliseconds of fn."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=3, rep=30, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[1]
