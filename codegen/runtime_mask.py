@@ -8,8 +8,12 @@ buffer) was classified from one example: its structure (none, causal, sliding wi
                                                                        wherever it allows)
 
 `mask_keys` is the op a variant's site calls: it returns the key padding, or raises `MaskMismatch`
-naming the site when the mask no longer has its structure (a variant cannot serve other masks; the
-softmax site falls back to the dense mask instead, see ops.flash_attention_checked).
+naming the site when the mask no longer has its structure (a variant cannot serve other masks). A
+softmax site calls `mask_check` instead, which returns the key padding and whether the structure
+holds, and falls back to the dense mask when it does not (ops.flash_attention_checked).
+
+The sites of one graph that read the same mask share one check (`variants.base.shared`): the check
+runs on every call of the compiled graph, once per mask rather than once per layer.
 """
 
 from __future__ import annotations
@@ -103,3 +107,16 @@ def mask_keys(mask: Tensor, kind: str, window: int, tq: int, site: str) -> Tenso
 def _(mask, kind, window, tq, site):
     lead = mask.shape[0] if mask.dim() == 4 else 1
     return mask.new_empty((lead, mask.shape[-1]), dtype=torch.bool)
+
+
+@torch.library.custom_op("attncc::mask_check", mutates_args=())
+def mask_check(mask: Tensor, kind: str, window: int, tq: int) -> tuple[Tensor, Tensor]:
+    """(key padding [B', Tk], whether the mask is `kind` & key padding for `tq` queries: a CPU bool)."""
+    keys, problem = check(mask, kind, window, tq)
+    return keys.contiguous(), torch.tensor(problem is None)
+
+
+@mask_check.register_fake
+def _(mask, kind, window, tq):
+    lead = mask.shape[0] if mask.dim() == 4 else 1
+    return mask.new_empty((lead, mask.shape[-1]), dtype=torch.bool), torch.empty((), dtype=torch.bool)

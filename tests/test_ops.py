@@ -242,7 +242,10 @@ def test_checked_op_opcheck_and_gradients(kind, additive):
     mask = _causal_masks(kind).to(DEVICE)
     if additive:
         mask = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, torch.finfo(torch.float32).min)
-    args = (q, k, v, mask, 0.25, "causal", 0, "test-site")
+    keys, holds = torch.ops.attncc.mask_check(mask, "causal", 0, 20)
+    assert bool(holds) == (kind == "causal")
+    torch.library.opcheck(torch.ops.attncc.mask_check.default, (mask, "causal", 0, 20))
+    args = (q, k, v, mask, keys, holds, 0.25, "causal", 0, "test-site")
     torch.library.opcheck(torch.ops.attncc.flash_attention_checked.default, args)
     out, _, keys, ran_kernel = torch.ops.attncc.flash_attention_checked(*args)
     assert bool(ran_kernel) == (kind == "causal")
@@ -441,3 +444,30 @@ def test_dense_kernel_measurement_runs_outside_the_trace(grad):
     assert "attncc flash" in choice.note and choice.note.endswith("; SDPA cuDNN cannot run it"), choice
     assert choice.kernel in ("attncc", "flash"), choice  # SDPA has a CPU FlashAttention; cuDNN is CUDA only
     assert [n.target for n in graph.graph.nodes if n.op == "call_function"] == [torch.ops.aten.mul.Tensor]
+
+
+@pytest.mark.parametrize("policy", ["softmax", {"variant": "linear", "feature_map": "elu1"}], ids=["softmax", "linear"])
+def test_sites_that_read_one_mask_check_it_once_per_call(policy, monkeypatch):
+    """The two layers of a padded Llama read one mask: the compiled graph checks it once per call (not
+    once per layer), on every call, and a call whose padding changes still matches the reference."""
+    from attncc.codegen import runtime_mask
+
+    model, args, kwargs = _llama16(padding=True)
+    paddings = (kwargs["attention_mask"], torch.ones_like(kwargs["attention_mask"]))
+    torch._dynamo.reset()
+    reference = torch.compile(model, backend=attncc.backend({"attention": policy}, inner="aot_eager",
+                                                            kernels="reference"))
+    refs = [reference(*args, attention_mask=padding, use_cache=False)[0] for padding in paddings]
+    torch._dynamo.reset()
+    be = attncc.backend({"attention": policy}, inner="aot_eager", kernels="triton")
+    compiled = torch.compile(model, backend=be)
+    compiled(*args, **kwargs)
+    checks = []
+    check = runtime_mask.check
+    monkeypatch.setattr(runtime_mask, "check", lambda *a: checks.append(a[1]) or check(*a))
+    for padding, ref in zip(paddings, refs):
+        checks.clear()
+        out = compiled(*args, attention_mask=padding, use_cache=False)[0]
+        assert len(checks) == 1, checks
+        real = padding.bool()
+        torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)

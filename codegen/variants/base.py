@@ -22,6 +22,7 @@ probability). AOT traces through the call, so the constants specialize the ops i
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, ClassVar, Mapping
@@ -121,8 +122,17 @@ class SiteCall:
         (MaskMismatch if it is not the compiled one); None without a mask."""
         if mask is None:
             return None
-        keys = runtime_mask.mask_keys(mask, self.mask.structure, int(self.mask.window or 0), q.shape[-2], self.key)
+        kind, window, tq = self.mask.structure, int(self.mask.window or 0), q.shape[-2]
+        keys = shared(mask, ("mask_keys", kind, window, str(tq)),
+                      lambda: runtime_mask.mask_keys(mask, kind, window, tq, self.key))
         return runtime_mask.batch_keys(keys, q.shape[0])
+
+    def mask_check(self, mask: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys [B', Tk], whether the mask has the compiled structure): `attncc::mask_check`, shared by
+        the sites that read this mask in the graph being traced."""
+        kind, window, tq = self.mask.structure, int(self.mask.window or 0), q.shape[-2]
+        return shared(mask, ("mask_check", kind, window, str(tq)),
+                      lambda: runtime_mask.mask_check(mask, kind, window, tq))
 
     def queries_end_keys(self, q: torch.Tensor, k: torch.Tensor) -> str | None:
         """Why the kernels cannot run this call: a causal site whose queries end a longer key sequence
@@ -144,6 +154,31 @@ def autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
         return q, k, v
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in (q, k, v))
+
+
+_SHARED: dict[tuple, tuple[weakref.ref, Any]] = {}
+
+
+def shared(mask: torch.Tensor, what: tuple, compute: Callable[[], Any]) -> Any:
+    """`compute()`, once per mask tensor being traced: the sites of a graph that read one mask node get
+    one traced check, so each call of the compiled graph checks that mask once, not once per layer.
+
+    Only while tracing (fake tensors), where a tensor object stands for one value of the graph. Eager
+    calls compute every time: a real tensor can change in place, or its memory be reused, between
+    calls. An entry lives as long as its mask object (weakly referenced, so a reused id misses)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not is_fake(mask):
+        return compute()
+    key = (id(mask), *what)
+    hit = _SHARED.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    for stale in [k for k, (ref, _) in _SHARED.items() if ref() is None]:
+        del _SHARED[stale]
+    value = compute()
+    _SHARED[key] = (weakref.ref(mask), value)
+    return value
 
 
 def served(site: SiteFacts, structures: tuple[str, ...], title: str) -> str | None:

@@ -115,16 +115,19 @@ def _checked_pattern(kind: str) -> tuple[bool, str]:
 
 
 @torch.library.custom_op("attncc::flash_attention_checked", mutates_args=())
-def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                            kind: str, window: int, site: str
+def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            keys: torch.Tensor, holds: torch.Tensor, scale: float, kind: str, window: int, site: str
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Softmax attention under a mask compiled as `kind` & key padding: the flash kernel when this
-    call's mask has that structure, else the dense reference (exact for any mask).
+    call's mask has that structure, else the dense reference (exact for any mask). `keys` and `holds`
+    are `attncc::mask_check(mask, kind, window, Tq)`, computed once for every site that reads the mask.
     Returns (o, lse, key padding [B, Tk], whether the kernel ran)."""
-    keys, problem = runtime_mask.check(mask, kind, window, q.shape[-2])
+    problem = None
+    if not bool(holds):  # the reason, for the report (the fallback path only)
+        problem = runtime_mask.check(mask, kind, window, q.shape[-2])[1] or "the mask check failed"
     if not problem and kind != "none" and q.shape[-2] != k.shape[-2]:
         problem = "the causal queries end a longer key sequence (the kernel needs Tq == Tk)"
-    keys = runtime_mask.batch_keys(keys, q.shape[0]).contiguous()
+    keys = runtime_mask.batch_keys(keys, q.shape[0]).clone(memory_format=torch.contiguous_format)  # not an alias of the input
     if problem:
         emit.ran(site, f"reference ({problem} on this call)")
         o = softmax_attention(q, k, v, scale=scale, mask=mask).contiguous()
@@ -138,7 +141,7 @@ def flash_attention_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 
 @flash_attention_checked.register_fake
-def _(q, k, v, mask, scale, kind, window, site):
+def _(q, k, v, mask, keys, holds, scale, kind, window, site):
     b, h, tq, _ = q.shape
     return (q.new_empty((b, h, tq, v.shape[-1])), q.new_empty((b, h, tq), dtype=torch.float32),
             q.new_empty((b, k.shape[-2]), dtype=torch.bool), q.new_empty((), dtype=torch.bool, device="cpu"))
@@ -163,7 +166,7 @@ def _(do, q, k, v, o, lse, keys, ran_kernel, mask, scale, kind, window):
 
 
 def _checked_setup(ctx, inputs, output):
-    q, k, v, mask, *constants = inputs
+    q, k, v, mask, _, _, *constants = inputs
     o, lse, keys, ran_kernel = output
     ctx.save_for_backward(q, k, v, o, lse, keys, ran_kernel, mask)
     ctx.constants = constants[:3]  # scale, kind, window
@@ -172,12 +175,15 @@ def _checked_setup(ctx, inputs, output):
 def _checked_backward(ctx, do, dlse, dkeys, dran):
     q, k, v, o, lse, keys, ran_kernel, mask = ctx.saved_tensors
     dq, dk, dv = flash_attention_checked_backward(do, q, k, v, o, lse, keys, ran_kernel, mask, *ctx.constants)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 flash_attention_checked.register_autograd(_checked_backward, setup_context=_checked_setup)
 
 
-def flash_checked(q, k, v, mask, *, scale: float, kind: str, window: int, site: str) -> torch.Tensor:
-    o, *_ = flash_attention_checked(q, k, v, mask, float(scale), kind, int(window), site)
+def flash_checked(q, k, v, mask, *, scale: float, kind: str, window: int, site: str, check=None) -> torch.Tensor:
+    """`check`: (keys, holds) of `attncc::mask_check` on this mask, when the caller shares one check
+    between the sites that read the mask; else it is computed here."""
+    keys, holds = check if check is not None else runtime_mask.mask_check(mask, kind, int(window), q.shape[-2])
+    o, *_ = flash_attention_checked(q, k, v, mask, keys, holds, float(scale), kind, int(window), site)
     return o
