@@ -6,7 +6,8 @@ through cuDNN or FlashAttention-2. Which is fastest depends on the GPU, the dtyp
 lengths and whether a backward follows, so the choice is measured, not assumed: when the site is
 traced, each candidate runs on random tensors of the site's shapes, strides and dtype (forward, plus
 backward when the inputs need gradients), and the fastest wins. The choice and the times go into the
-report's kernel column; the policy's `kernel` (auto | attncc | cudnn | flash) overrides it.
+report's kernel column; the policy's `kernel` (auto | attncc | cudnn | flash, the config's `DenseKernel`)
+overrides it.
 
 Measurements are cached per process by shape and device, so the layers of one model measure once.
 Timing varies from run to run, so two processes can choose differently (both exact, rounding apart): a
@@ -31,7 +32,6 @@ from attncc.errors import AttnccError
 
 from .ops import flash
 
-KERNELS = ("auto", "attncc", "cudnn", "flash")
 SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 _NAMES = {"attncc": "attncc flash", "cudnn": "SDPA cuDNN", "flash": "SDPA FlashAttention-2"}
 
@@ -70,7 +70,8 @@ def choose(policy: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
         return Choice(policy, "the policy's kernel")
     if q.dtype not in (torch.float16, torch.bfloat16):
         return Choice("attncc", f"SDPA's cuDNN and FlashAttention-2 backends take fp16 and bf16, not {q.dtype}")
-    sizes = [_hint(s) for t in (q, k, v) for s in (*t.shape, *t.stride())]
+    raw = [s for t in (q, k, v) for s in (*t.shape, *t.stride())]
+    sizes = [_hint(s) for s in raw]
     if None in sizes:
         return Choice("attncc", "not measured: the sizes have no hint")
     grad = any(t.requires_grad for t in (q, k, v))
@@ -83,6 +84,8 @@ def choose(policy: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sc
             except Exception as e:  # measuring must not break a compile: attncc's kernel is always right
                 choice = Choice("attncc", f"not measured: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             _CHOSEN[key] = choice
+    if any(isinstance(s, torch.SymInt) for s in raw):
+        return Choice(choice.kernel, f"{choice.note} (symbolic sizes: measured at the sizes dynamo saw first)")
     return choice
 
 
