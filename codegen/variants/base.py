@@ -21,6 +21,7 @@ probability). AOT traces through the call, so the constants specialize the ops i
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -157,6 +158,7 @@ def autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.T
 
 
 _SHARED: dict[tuple, tuple[weakref.ref, Any]] = {}
+_SHARED_LOCK = threading.Lock()  # graphs may be traced on several threads
 
 
 def shared(mask: torch.Tensor, what: tuple, compute: Callable[[], Any]) -> Any:
@@ -171,13 +173,15 @@ def shared(mask: torch.Tensor, what: tuple, compute: Callable[[], Any]) -> Any:
     if not is_fake(mask):
         return compute()
     key = (id(mask), *what)
-    hit = _SHARED.get(key)
-    if hit is not None and hit[0]() is mask:
-        return hit[1]
-    for stale in [k for k, (ref, _) in _SHARED.items() if ref() is None]:
-        del _SHARED[stale]
-    value = compute()
-    _SHARED[key] = (weakref.ref(mask), value)
+    with _SHARED_LOCK:
+        hit = _SHARED.get(key)
+        if hit is not None and hit[0]() is mask:
+            return hit[1]
+        for stale in [k for k, (ref, _) in _SHARED.items() if ref() is None]:
+            del _SHARED[stale]
+    value = compute()  # outside the lock: it traces ops (one thread traces one graph)
+    with _SHARED_LOCK:
+        _SHARED[key] = (weakref.ref(mask), value)
     return value
 
 
