@@ -123,15 +123,19 @@ class SiteCall:
         (MaskMismatch if it is not the compiled one); None without a mask."""
         if mask is None:
             return None
-        kind, window, tq = self.mask.structure, int(self.mask.window or 0), q.shape[-2]
+        kind, window, tq = self._structure(q)
         keys = shared(mask, ("mask_keys", kind, window, str(tq)),
                       lambda: runtime_mask.mask_keys(mask, kind, window, tq, self.key))
         return runtime_mask.batch_keys(keys, q.shape[0])
 
+    def _structure(self, q: torch.Tensor) -> tuple[str, int, Any]:
+        """(structure, window, query count): what a mask of this site is checked against."""
+        return self.mask.structure, int(self.mask.window or 0), q.shape[-2]
+
     def mask_check(self, mask: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys [B', Tk], whether the mask has the compiled structure): `attncc::mask_check`, shared by
         the sites that read this mask in the graph being traced."""
-        kind, window, tq = self.mask.structure, int(self.mask.window or 0), q.shape[-2]
+        kind, window, tq = self._structure(q)
         return shared(mask, ("mask_check", kind, window, str(tq)),
                       lambda: runtime_mask.mask_check(mask, kind, window, tq))
 

@@ -71,8 +71,8 @@ def attention(call: SiteCall, q, k, v, mask, scale, dropout_p=0.0) -> torch.Tens
     q, scale = scaled(q, scale)
     window = int(kind.window or 0)
     if kind.checked:
-        return ops.flash_checked(q, k, v, mask, scale=scale, kind=kind.structure, window=window, site=call.key,
-                                 check=call.mask_check(mask, q))
+        return ops.flash_checked(q, k, v, mask, call.mask_check(mask, q), scale=scale, kind=kind.structure,
+                                 window=window, site=call.key)
     pattern = "sliding_window" if kind.structure == "sliding_window" else "dense"
     if pattern == "dense" and not kind.padding and call.kernels == "auto":
         choice = route.choose(call.constants.get("kernel", "auto"), q, k, v, scale=scale, causal=causal)

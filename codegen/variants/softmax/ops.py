@@ -181,9 +181,9 @@ def _checked_backward(ctx, do, dlse, dkeys, dran):
 flash_attention_checked.register_autograd(_checked_backward, setup_context=_checked_setup)
 
 
-def flash_checked(q, k, v, mask, *, scale: float, kind: str, window: int, site: str, check=None) -> torch.Tensor:
-    """`check`: (keys, holds) of `attncc::mask_check` on this mask, when the caller shares one check
-    between the sites that read the mask; else it is computed here."""
-    keys, holds = check if check is not None else runtime_mask.mask_check(mask, kind, int(window), q.shape[-2])
+def flash_checked(q, k, v, mask, check: tuple[torch.Tensor, torch.Tensor], *, scale: float, kind: str, window: int,
+                  site: str) -> torch.Tensor:
+    """`check`: (keys, holds), `attncc::mask_check` of this mask, shared by the sites that read it."""
+    keys, holds = check
     o, *_ = flash_attention_checked(q, k, v, mask, keys, holds, float(scale), kind, int(window), site)
     return o

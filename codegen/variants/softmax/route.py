@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attncc.codegen.masks import repeat_kv
 from attncc.errors import AttnccError
 
 from .ops import flash
@@ -45,9 +46,7 @@ class Choice:
 def sdpa(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
          causal: bool) -> torch.Tensor:
     """Softmax attention through SDPA's `kernel` backend alone (kv heads repeated for grouped queries)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:  # query head h reads kv head h // group, as the flash kernel and transformers' repeat_kv
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     with sdpa_kernel([SDPA_BACKENDS[kernel]]):
         try:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
