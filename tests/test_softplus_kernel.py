@@ -9,6 +9,8 @@ normalizes the rows and computes the row scales), NaN-poisoned buffers (conftest
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -92,7 +94,8 @@ LSSAR_CASES = [
 
 
 def _check_lssar(q, k, v, key_padding, causal, reweight_p, tol=1e-4):
-    got = ops.lssar(q, k, v, key_padding, causal, reweight_p)
+    """LSSAR (or LSSA at reweight_p = 0) on the kernels against the reference: outputs and gradients."""
+    got = ops.lssar(q, k, v, key_padding, causal, reweight_p) if reweight_p else ops.lssa(q, k, v, key_padding, causal)
     want = ops.reference(q, k, v, key_padding, causal, reweight_p)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     grad = torch.randn_like(want)
@@ -147,6 +150,25 @@ def test_lssar_kernel_name():
     q, k = torch.zeros(1, 4, 8, 16), torch.zeros(1, 4, 8, 16)
     assert ops.kernel_spec(q, k, causal=True, padded=True, reweight_p=15.0).name == \
         "lssar_flash_p15_causal_d16_g1_padded_fp32"
+
+
+# Tiles of other shapes than the interpreter's default: the split of each pass into tiles at an edge (the
+# diagonal, the lengths) and tiles away from it must hold for any BM, BN; Config's ten fields.
+TILE_CONFIGS = [
+    pytest.param([16, 32, 4, 1, 32, 16, 16, 32, 4, 1], id="bm<bn"),
+    pytest.param([16, 16, 4, 1, 16, 16, 16, 16, 4, 1], id="bm=bn"),
+]
+
+
+@pytest.mark.parametrize("tiles", TILE_CONFIGS)
+@pytest.mark.parametrize("reweight_p,p", [pytest.param(0.0, CASES[1].values[0], id="lssa-" + CASES[1].id),
+                                          pytest.param(15.0, CASES[3].values[0], id="p15-" + CASES[3].id),
+                                          pytest.param(3.0, CASES[4].values[0], id="p3-" + CASES[4].id)])
+def test_kernels_match_the_reference_with_other_tiles(tiles, reweight_p, p, monkeypatch):
+    monkeypatch.setenv("ATTNCC_SOFTPLUS_CONFIG", json.dumps(tiles))
+    assert flash.config().bm == tiles[0]
+    q, k, v, key_padding = _inputs(p)
+    _check_lssar(q, k, v, key_padding, p["causal"], reweight_p)
 
 
 @pytest.mark.gpu

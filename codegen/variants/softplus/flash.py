@@ -49,6 +49,9 @@ These formulas match autograd of the reference in float64 to 1e-15 (tests check 
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -73,31 +76,105 @@ def supports(head_dim: int, value_dim: int, dtype: torch.dtype, reweight_p: floa
 
 
 
-@triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
-def _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL: tl.constexpr, PADDED: tl.constexpr):
-    ok = (rm[:, None] < TQ) & (rn[None, :] < TK)
-    if CAUSAL:
-        ok = ok & (rn[None, :] <= rm[:, None])
-    if PADDED:
-        ok = ok & (tl.load(kp_ptr + b * stride_kpb + rn, mask=rn < TK, other=0) != 0)[None, :]
+def _softplus2(y):
+    """softplus in log2 units: softplus(x) / ln 2 for y = x·log2(e)."""
+    return tl.maximum(y, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(y)))
+
+
+@triton.jit
+def _softplus2_sigmoid(y):
+    """(softplus(x) / ln 2, sigmoid(x)) for y = x·log2(e), on one exp2: with t = 2^-|y|, sigmoid(x) is
+    1 / (1 + t) for x >= 0 and t / (1 + t) below."""
+    t = tl.exp2(-tl.abs(y))
+    u = 1.0 + t
+    return tl.maximum(y, 0.0) + tl.log2(u), tl.where(y >= 0, 1.0, t) / u
+
+
+@triton.jit
+def _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
+             EDGE: tl.constexpr):
+    """The allowed pairs of a tile. Away from the edges (EDGE false: rows and keys inside the lengths,
+    every key at or before every row) only key padding can exclude a pair: [1, BN] then."""
+    if EDGE:
+        ok = (rm[:, None] < TQ) & (rn[None, :] < TK)
+        if CAUSAL:
+            ok = ok & (rn[None, :] <= rm[:, None])
+        if PADDED:
+            ok = ok & (tl.load(kp_ptr + b * stride_kpb + rn, mask=rn < TK, other=0) != 0)[None, :]
+    else:
+        ok = (tl.load(kp_ptr + b * stride_kpb + rn) != 0)[None, :]
     return ok
 
 
 @triton.jit
-def _tile(ptr, b, h, rows, cols, stride_b, stride_h, stride_t, T, C):
-    """The [rows, cols] tile of a [B, H, T, C] tensor, zero outside it."""
-    return tl.load(ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + cols[None, :],
-                   mask=(rows[:, None] < T) & (cols[None, :] < C), other=0.0)
+def _load(ptr, b, h, rows, cols, stride_b, stride_h, stride_t, T, C, EDGE: tl.constexpr, EVEN: tl.constexpr):
+    """The [rows, cols] tile of a [B, H, T, C] tensor, zero outside it. EDGE false: every row is inside T;
+    EVEN: every column is inside C."""
+    ptrs = ptr + b * stride_b + h * stride_h + rows[:, None] * stride_t + cols[None, :]
+    if EDGE:
+        return tl.load(ptrs, mask=(rows[:, None] < T) & (cols[None, :] < C), other=0.0)
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols[None, :] < C, other=0.0)
 
 
 @triton.jit
-def _row(rows_ptr, i, BHT, bh, TQ, rm):
-    return tl.load(rows_ptr + i * BHT + bh * TQ + rm, mask=rm < TQ, other=0.0)
+def _row(rows_ptr, i, BHT, bh, TQ, rm, EDGE: tl.constexpr):
+    if EDGE:
+        return tl.load(rows_ptr + i * BHT + bh * TQ + rm, mask=rm < TQ, other=0.0)
+    return tl.load(rows_ptr + i * BHT + bh * TQ + rm)
+
+
+@triton.jit
+def _key_tiles(pm, TK, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr):
+    """(whole, hi): query tile pm reads keys [0, hi); the tiles before `whole` are away from the edges."""
+    if CAUSAL:
+        return (tl.minimum(pm * BM + 1, TK) // BN) * BN, tl.minimum(TK, (pm + 1) * BM)
+    return (TK // BN) * BN, TK
+
+
+@triton.jit
+def _lssa_tile(acc, l, q, c2, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV,
+               stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
+               BN: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr,
+               EVEN: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of LSSA's pass: acc += a·v, l += Σ a (a in log2 units)."""
+    rn = start + tl.arange(0, BN)
+    k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, EDGE, EVEN)
+    v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
+    a = _softplus2(c2[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION))
+    if EDGE or PADDED:
+        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE), a, 0.0)
+    return tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION), l + tl.sum(a, axis=1)
+
+
+@triton.jit
+def _lssar_tile(acc, m, total, q, c2, nr2, off, P, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV,
+                stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
+                BN: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr,
+                EVEN: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of LSSAR's pass: the online softmax over z = p log x (in log2 units)."""
+    rn = start + tl.arange(0, BN)
+    k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, EDGE, EVEN)
+    v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
+    x = nr2[:, None] * _softplus2(c2[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION)) - off[:, None]
+    kept = x > 0
+    if EDGE or PADDED:
+        kept = kept & _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
+    z = tl.where(kept, P * tl.log2(tl.where(kept, x, 1.0)), float("-inf"))
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m - m_safe)
+    w = tl.exp2(z - m_safe[:, None])  # 0 where z = -inf
+    acc = tl.dot(w.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, total * alpha + tl.sum(w, axis=1)
 
 
 @triton.jit
@@ -106,10 +183,11 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
          stride_kpb,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr):
+         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr,
+         EVEN: tl.constexpr):
     """One query tile: pass 1 is LSSA (row sums l and the LSSA output); with REWEIGHT, pass 2 the online
     softmax over z = p log x of LSSAR (rows that keep no entry return the LSSA output)."""
-    pm = tl.program_id(0)
+    pm = tl.num_programs(0) - 1 - tl.program_id(0)  # the heaviest causal tiles start first
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -117,49 +195,41 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
     rm = pm * BM + tl.arange(0, BM)
     rd = tl.arange(0, BD)
     rdv = tl.arange(0, BDV)
-    q = _tile(q_ptr, b, h, rm, rd, stride_qb, stride_qh, stride_qt, TQ, D)
-    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pm + 1) * BM)
-    acc1 = tl.zeros((BM, BDV), dtype=tl.float32)
+    q = _load(q_ptr, b, h, rm, rd, stride_qb, stride_qh, stride_qt, TQ, D, True, EVEN)
+    c2 = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0) * _LOG2E
+    whole, hi = _key_tiles(pm, TK, BM, BN, CAUSAL)
+    acc = tl.zeros((BM, BDV), dtype=tl.float32)
     l = tl.zeros((BM,), dtype=tl.float32)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
-        v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED), _softplus(c[:, None] * s), 0.0)
-        acc1 += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
-        l += tl.sum(a, axis=1)
+    for start in range(0, whole, BN):
+        acc, l = _lssa_tile(acc, l, q, c2, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV,
+                            stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
+                            BN, CAUSAL, PADDED, False, EVEN, PRECISION)
+    for start in range(whole, hi, BN):
+        acc, l = _lssa_tile(acc, l, q, c2, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV,
+                            stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
+                            BN, CAUSAL, PADDED, True, EVEN, PRECISION)
+    l = l * _LN2
     r = 1.0 / (l + eps)
-    o = acc1 * r[:, None]
+    o = acc * (r * _LN2)[:, None]
     if REWEIGHT:
         n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
         off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
-        nr = n * r
+        nr2 = n * r * _LN2
         acc = tl.zeros((BM, BDV), dtype=tl.float32)
         m = tl.full((BM,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BM,), dtype=tl.float32)
-        for start in range(0, hi, BN):
-            rn = start + tl.arange(0, BN)
-            k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
-            v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-            x = nr[:, None] * _softplus(c[:, None] * s) - off[:, None]
-            kept = allowed & (x > 0)
-            z = tl.where(kept, P * tl.log(tl.where(kept, x, 1.0)), float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            w = tl.where(kept, tl.exp(z - m_safe[:, None]), 0.0)
-            total = total * alpha + tl.sum(w, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+        p = P * 1.0
+        for start in range(0, whole, BN):
+            acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, p, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
+                                        kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                                        stride_vt, stride_kpb, BN, CAUSAL, PADDED, False, EVEN, PRECISION)
+        for start in range(whole, hi, BN):
+            acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, p, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
+                                        kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
+                                        stride_vt, stride_kpb, BN, CAUSAL, PADDED, True, EVEN, PRECISION)
         any_kept = total > 0
         o = tl.where(any_kept[:, None], acc / tl.where(any_kept, total, 1.0)[:, None], o)
-        lse = tl.where(any_kept, m + tl.log(tl.where(any_kept, total, 1.0)), float("-inf"))
+        lse = tl.where(any_kept, (m + tl.log2(tl.where(any_kept, total, 1.0))) * _LN2, float("-inf"))
         tl.store(lse_ptr + bh * TQ + rm, lse, mask=rm < TQ)
     tl.store(o_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], o.to(o_ptr.dtype.element_ty),
              mask=(rm[:, None] < TQ) & (rdv[None, :] < DV))
@@ -167,42 +237,74 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
 
 
 @triton.jit
-def _tile_grads(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P, REWEIGHT: tl.constexpr):
-    """(a, dx, ds, w) of one tile: dx_ij (0 off the kept entries), ds_ij, and w_ij the weight of dO_i in
-    dv_j. Without REWEIGHT (LSSA), every row is an LSSA row: da = r dp + beta."""
-    a = tl.where(allowed, _softplus(c[:, None] * s), 0.0)
+def _tile_grads(s, allowed, dp, c, c2, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT: tl.constexpr,
+                MASKED: tl.constexpr):
+    """(a, dx, ds, w) of one tile: a in log2 units, dx_ij (0 off the kept entries), ds_ij, and w_ij the
+    weight of dO_i in dv_j. Without REWEIGHT (LSSA), every row is an LSSA row: da = r dp + beta. MASKED:
+    `allowed` excludes pairs (else every pair of the tile is allowed)."""
+    a, sig = _softplus2_sigmoid(c2[:, None] * s)
     if REWEIGHT:
-        x = (n * r)[:, None] * a - off[:, None]
-        kept = allowed & (x > 0) & kept_row[:, None]
+        x = (n * r * _LN2)[:, None] * a - off[:, None]
+        kept = (x > 0) & kept_row[:, None]
+        if MASKED:
+            kept = kept & allowed
         xs = tl.where(kept, x, 1.0)
-        a2 = tl.where(kept, tl.exp(P * tl.log(xs) - lse[:, None]), 0.0)
-        dx = tl.where(kept, a2 * (dp - dd[:, None]) * P / xs, 0.0)
+        a2 = tl.where(kept, tl.exp2(P * tl.log2(xs) - lse2[:, None]), 0.0)
+        dx = a2 * (dp - dd[:, None]) * P / xs
         da = tl.where(kept_row[:, None], (n * r)[:, None] * dx, r[:, None] * dp) + beta[:, None]
-        w = tl.where(kept_row[:, None], a2, a * r[:, None])
+        w = tl.where(kept_row[:, None], a2, a * (r * _LN2)[:, None])
     else:
         dx = a * 0.0
         da = r[:, None] * dp + beta[:, None]
-        w = a * r[:, None]
-    ds = tl.where(allowed, da * c[:, None] * tl.sigmoid(c[:, None] * s), 0.0)
+        w = a * (r * _LN2)[:, None]
+    ds = da * c[:, None] * sig
+    if MASKED:
+        ds = tl.where(allowed, ds, 0.0)
+        w = tl.where(allowed, w, 0.0)
     return a, dx, ds, w
 
 
 @triton.jit
 def _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm, rd, rdv, TQ, D, DV, BHT,
-              stride_qb, stride_qh, stride_qt, UNSHIFTED: tl.constexpr):
-    """What the backward reads of one query tile: q, dO and the per-row terms."""
-    q = _tile(q_ptr, b, h, rm, rd, stride_qb, stride_qh, stride_qt, TQ, D)
-    do = tl.load(do_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], mask=(rm[:, None] < TQ) & (rdv[None, :] < DV),
-                 other=0.0)
-    c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
-    n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+              stride_qb, stride_qh, stride_qt, UNSHIFTED: tl.constexpr, EDGE: tl.constexpr, EVEN: tl.constexpr):
+    """What the backward reads of one query tile: q, dO and the per-row terms (0 past TQ)."""
+    q = _load(q_ptr, b, h, rm, rd, stride_qb, stride_qh, stride_qt, TQ, D, EDGE, EVEN)
+    do = _load(do_ptr, 0, bh, rm, rdv, 0, TQ * DV, DV, TQ, DV, EDGE, EVEN)
+    if EDGE:
+        c = tl.load(c_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+        n = tl.load(n_ptr + b * TQ + rm, mask=rm < TQ, other=0.0)
+    else:
+        c = tl.load(c_ptr + b * TQ + rm)
+        n = tl.load(n_ptr + b * TQ + rm)
     off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
-    r = _row(rows_ptr, 0, BHT, bh, TQ, rm)
-    lse = _row(rows_ptr, 1, BHT, bh, TQ, rm)
-    kept_row = _row(rows_ptr, 2, BHT, bh, TQ, rm) != 0
-    dd = _row(rows_ptr, 3, BHT, bh, TQ, rm)
-    beta = _row(rows_ptr, 4, BHT, bh, TQ, rm)
-    return q, do, c, n, off, r, lse, kept_row, dd, beta
+    r = _row(rows_ptr, 0, BHT, bh, TQ, rm, EDGE)
+    lse2 = _row(rows_ptr, 1, BHT, bh, TQ, rm, EDGE) * _LOG2E
+    kept_row = _row(rows_ptr, 2, BHT, bh, TQ, rm, EDGE) != 0
+    dd = _row(rows_ptr, 3, BHT, bh, TQ, rm, EDGE)
+    beta = _row(rows_ptr, 4, BHT, bh, TQ, rm, EDGE)
+    return q, do, c, n, off, r, lse2, kept_row, dd, beta
+
+
+@triton.jit
+def _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, P, start, b, kvh, rm, rd, rdv,
+             k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+             stride_kpb, BN: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr,
+             EVEN: tl.constexpr, PRECISION: tl.constexpr, REWEIGHT: tl.constexpr, ROW_SUM: tl.constexpr):
+    rn = start + tl.arange(0, BN)
+    k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, EDGE, EVEN)
+    v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    allowed = s
+    if EDGE or PADDED:
+        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
+    a, dx, ds, w = _tile_grads(s, allowed, dp, c, c * _LOG2E, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
+                               EDGE or PADDED)
+    if ROW_SUM:
+        big_r += tl.sum(dx * a, axis=1) * _LN2
+    else:
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq, big_r
 
 
 @triton.jit
@@ -212,9 +314,9 @@ def _dq(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, out_ptr,
         stride_kpb,
         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr,
-        ROW_SUM: tl.constexpr):
+        EVEN: tl.constexpr, ROW_SUM: tl.constexpr):
     """One query tile over its key tiles: dq̂ [BM, D], or (ROW_SUM) LSSAR's R_i = Σ_j dx_ij a_ij [BM]."""
-    pm = tl.program_id(0)
+    pm = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -222,26 +324,23 @@ def _dq(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, out_ptr,
     rm = pm * BM + tl.arange(0, BM)
     rd = tl.arange(0, BD)
     rdv = tl.arange(0, BDV)
-    q, do, c, n, off, r, lse, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm, rd,
-                                                             rdv, TQ, D, DV, BHT, stride_qb, stride_qh, stride_qt,
-                                                             UNSHIFTED)
+    q, do, c, n, off, r, lse2, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm,
+                                                              rd, rdv, TQ, D, DV, BHT, stride_qb, stride_qh,
+                                                              stride_qt, UNSHIFTED, True, EVEN)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     big_r = tl.zeros((BM,), dtype=tl.float32)
-    hi = TK
-    if CAUSAL:
-        hi = tl.minimum(TK, (pm + 1) * BM)
-    for start in range(0, hi, BN):
-        rn = start + tl.arange(0, BN)
-        k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
-        v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-        a, dx, ds, w = _tile_grads(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P, REWEIGHT)
-        if ROW_SUM:
-            big_r += tl.sum(dx * a, axis=1)
-        else:
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    p = P * 1.0
+    whole, hi = _key_tiles(pm, TK, BM, BN, CAUSAL)
+    for start in range(0, whole, BN):
+        dq, big_r = _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, p, start, b, kvh, rm, rd, rdv,
+                             k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb,
+                             stride_vh, stride_vt, stride_kpb, BN, CAUSAL, PADDED, False, EVEN, PRECISION, REWEIGHT,
+                             ROW_SUM)
+    for start in range(whole, hi, BN):
+        dq, big_r = _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, p, start, b, kvh, rm, rd, rdv,
+                             k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb,
+                             stride_vh, stride_vt, stride_kpb, BN, CAUSAL, PADDED, True, EVEN, PRECISION, REWEIGHT,
+                             ROW_SUM)
     if ROW_SUM:
         tl.store(out_ptr + bh * TQ + rm, big_r, mask=rm < TQ)
     else:
@@ -250,13 +349,36 @@ def _dq(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, out_ptr,
 
 
 @triton.jit
+def _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, kp_ptr,
+              TQ, TK, D, DV, P, BHT, stride_qb, stride_qh, stride_qt, stride_kpb,
+              BM: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr,
+              EVEN: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr):
+    rm = start + tl.arange(0, BM)
+    q, do, c, n, off, r, lse2, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm,
+                                                              rd, rdv, TQ, D, DV, BHT, stride_qb, stride_qh,
+                                                              stride_qt, UNSHIFTED, EDGE, EVEN)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    allowed = s
+    if EDGE or PADDED:
+        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
+    a, dx, ds, w = _tile_grads(s, allowed, dp, c, c * _LOG2E, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
+                               EDGE or PADDED)
+    dv = tl.dot(tl.trans(w.to(do.dtype)), do, dv, input_precision=PRECISION)
+    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv_ptr,
          TQ, TK, H, HKV, D, DV, P, BHT,
          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
          stride_kpb,
          BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr, CAUSAL: tl.constexpr,
-         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr):
-    """One key tile of one kv head over the query tiles of every query head of its group: dk̂, dv."""
+         PADDED: tl.constexpr, PRECISION: tl.constexpr, UNSHIFTED: tl.constexpr, REWEIGHT: tl.constexpr,
+         EVEN: tl.constexpr):
+    """One key tile of one kv head over the query tiles of every query head of its group: dk̂, dv.
+    Query tiles [lo, f_lo) and [f_hi, end) are at an edge; [f_lo, f_hi) are whole and wholly after the keys."""
     pn = tl.program_id(0)
     bkv = tl.program_id(1)
     b = bkv // HKV
@@ -265,63 +387,96 @@ def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv
     rn = pn * BN + tl.arange(0, BN)
     rd = tl.arange(0, BD)
     rdv = tl.arange(0, BDV)
-    k = _tile(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D)
-    v = _tile(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV)
+    k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, True, EVEN)
+    v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, True, EVEN)
     dk = tl.zeros((BN, BD), dtype=tl.float32)
     dv = tl.zeros((BN, BDV), dtype=tl.float32)
+    end = tl.cdiv(TQ, BM) * BM
     lo = 0
+    f_lo = 0
     if CAUSAL:
         lo = (pn * BN // BM) * BM
+        f_lo = tl.cdiv(pn * BN + BN - 1, BM) * BM
+    f_lo = tl.minimum(tl.maximum(f_lo, lo), end)
+    f_hi = tl.maximum(f_lo, (TQ // BM) * BM)
+    key_whole = pn * BN + BN <= TK
+    f_lo = tl.where(key_whole, f_lo, end)
+    f_hi = tl.where(key_whole, f_hi, end)
+    p = P * 1.0
     for g in range(group):
         h = kvh * group + g
         bh = b * H + h
-        for start in range(lo, TQ, BM):
-            rm = start + tl.arange(0, BM)
-            q, do, c, n, off, r, lse, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh,
-                                                                     rm, rd, rdv, TQ, D, DV, BHT, stride_qb,
-                                                                     stride_qh, stride_qt, UNSHIFTED)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED)
-            a, dx, ds, w = _tile_grads(s, allowed, dp, c, n, off, r, lse, kept_row, dd, beta, P, REWEIGHT)
-            dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        for start in range(lo, f_lo, BM):
+            dk, dv = _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr,
+                               kp_ptr, TQ, TK, D, DV, p, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
+                               PADDED, True, EVEN, PRECISION, UNSHIFTED, REWEIGHT)
+        for start in range(f_lo, f_hi, BM):
+            dk, dv = _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr,
+                               kp_ptr, TQ, TK, D, DV, p, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
+                               PADDED, False, EVEN, PRECISION, UNSHIFTED, REWEIGHT)
+        for start in range(f_hi, end, BM):
+            dk, dv = _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr,
+                               kp_ptr, TQ, TK, D, DV, p, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
+                               PADDED, True, EVEN, PRECISION, UNSHIFTED, REWEIGHT)
     tl.store(dk_ptr + (bkv * TK + rn[:, None]) * D + rd[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=(rn[:, None] < TK) & (rd[None, :] < D))
     tl.store(dv_ptr + (bkv * TK + rn[:, None]) * DV + rdv[None, :], dv.to(dv_ptr.dtype.element_ty),
              mask=(rn[:, None] < TK) & (rdv[None, :] < DV))
 
 
+@dataclass(frozen=True)
+class Config:
+    """Tiles and launch parameters: the forward's BM x BN; the backward's dK/dV programs own BN1 keys
+    and step over BM1 queries, its dQ programs own BM2 queries and step over BN2 keys."""
 
-def _config(D: int, DV: int) -> dict:
-    if launch.interpreting():
-        return dict(BM=16, BN=16, num_warps=4, num_stages=1)
-    return dict(BM=64, BN=64, num_warps=4, num_stages=2)
+    bm: int
+    bn: int
+    num_warps: int
+    num_stages: int
+    bm1: int
+    bn1: int
+    bm2: int
+    bn2: int
+    bwd_num_warps: int
+    bwd_num_stages: int
+
+
+_INTERPRETER_CONFIG = Config(32, 16, 4, 1, 16, 32, 32, 16, 4, 1)  # tiles of unequal sizes both ways
+_GPU_CONFIG = Config(64, 64, 4, 3, 32, 64, 64, 32, 4, 3)
+
+
+def config() -> Config:
+    """The tiles: one config under the interpreter, one on the GPU; ``ATTNCC_SOFTPLUS_CONFIG`` (a JSON
+    list of Config's ten fields) overrides both, for tuning and tests."""
+    override = os.environ.get("ATTNCC_SOFTPLUS_CONFIG")
+    if override:
+        return Config(*json.loads(override))
+    return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIG
 
 
 def _common(q, k, v, key_padding):
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     kp, stride_kpb, padded = launch.key_padding(key_padding, q)
     D, DV = q.shape[-1], v.shape[-1]
-    blocks = dict(BD=max(16, triton.next_power_of_2(D)), BDV=max(16, triton.next_power_of_2(DV)))
-    return q, k, v, kp, stride_kpb, padded, blocks
-
+    BD, BDV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    return q, k, v, kp, stride_kpb, padded, dict(BD=BD, BDV=BDV, EVEN=BD == D and BDV == DV)
 
 
 def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    config = _config(D, DV)
+    cfg = config()
     o = launch.alloc((B, H, TQ, DV), q.dtype, q.device)
     l = launch.alloc((B, H, TQ), torch.float32, q.device)
     lse = launch.alloc((B, H, TQ), torch.float32, q.device) if p > 0 else l
     c = c.float().contiguous()
     n = n.float().contiguous() if n is not None else c
-    _fwd[(triton.cdiv(TQ, config["BM"]), B * H)](
+    _fwd[(triton.cdiv(TQ, cfg.bm), B * H)](
         q, k, v, c, n, kp, o, l, lse, TQ, TK, H, HKV, D, DV, float(eps), float(p),
         *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
-        PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=p > 0, **blocks, **config)
+        PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=p > 0, BM=cfg.bm, BN=cfg.bn,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks)
     return o, l, lse
 
 
@@ -329,7 +484,7 @@ def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float,
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    config = _config(D, DV)
+    cfg = config()
     c = c.float().contiguous()
     n = n.float().contiguous() if n is not None else c
     r = 1.0 / (l + eps)
@@ -340,17 +495,18 @@ def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float,
     do = do.to(q.dtype).contiguous()
     common = (TQ, TK, H, HKV, D, DV, float(p), B * H * TQ, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb)
     flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS,
-                 REWEIGHT=p > 0, **blocks, **config)
-    grid_q = (triton.cdiv(TQ, config["BM"]), B * H)
+                 REWEIGHT=p > 0, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **blocks)
+    grid_q = (triton.cdiv(TQ, cfg.bm2), B * H)
     if p > 0:  # LSSAR rows that kept an entry: beta = -n r² R, R a row reduction over every key
         big_r = launch.alloc((B, H, TQ), torch.float32, q.device)
-        _dq[grid_q](q, k, v, c, n, kp, do, rows, big_r, *common, ROW_SUM=True, **flags)
+        _dq[grid_q](q, k, v, c, n, kp, do, rows, big_r, *common, ROW_SUM=True, BM=cfg.bm2, BN=cfg.bn2, **flags)
         rows[4] = torch.where(kept, -n[:, None, :] * r * r * big_r, rows[4])
     dq = launch.alloc((B, H, TQ, D), q.dtype, q.device)
     dk = launch.alloc((B, HKV, TK, D), k.dtype, q.device)
     dv = launch.alloc((B, HKV, TK, DV), v.dtype, q.device)
-    _dq[grid_q](q, k, v, c, n, kp, do, rows, dq, *common, ROW_SUM=False, **flags)
-    _dkv[(triton.cdiv(TK, config["BN"]), B * HKV)](q, k, v, c, n, kp, do, rows, dk, dv, *common, **flags)
+    _dq[grid_q](q, k, v, c, n, kp, do, rows, dq, *common, ROW_SUM=False, BM=cfg.bm2, BN=cfg.bn2, **flags)
+    _dkv[(triton.cdiv(TK, cfg.bn1), B * HKV)](q, k, v, c, n, kp, do, rows, dk, dv, *common, BM=cfg.bm1, BN=cfg.bn1,
+                                                **flags)
     return dq, dk, dv
 
 
