@@ -23,7 +23,7 @@ from torch.nn.attention import sdpa_kernel
 from anchors import bench, sdpa_backend
 
 try:
-    from attncc.codegen.variants.softplus import flash, ops
+    from attncc.codegen.variants.softplus import ops
 except ImportError:
     sys.exit("tune_softplus.py needs attncc installed (bench/run_gpu.sh installs it)")
 
