@@ -83,9 +83,23 @@ _LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
+def _log2_1p(t):
+    """log2(1 + t) for t in [0, 1] as t·Q(t), Q the degree-6 least-squares fit of log2(1 + t) / t on
+    Chebyshev nodes (relative error below 1.5e-6 in fp32). It runs on the FMA units: the special-function
+    unit, which computes exp2 and log2 at an eighth of the FMA rate, then serves one exp2 per score."""
+    q = 0.020490589807666736 * t - 0.09606737640876806
+    q = q * t + 0.21559036009179447
+    q = q * t - 0.33924912084412434
+    q = q * t + 0.47770639714631535
+    q = q * t - 0.7211628016446693
+    q = q * t + 1.442693259738793
+    return q * t
+
+
+@triton.jit
 def _softplus2(y):
     """softplus in log2 units: softplus(x) / ln 2 for y = x·log2(e)."""
-    return tl.maximum(y, 0.0) + tl.log2(1.0 + tl.exp2(-tl.abs(y)))
+    return tl.maximum(y, 0.0) + _log2_1p(tl.exp2(-tl.abs(y)))
 
 
 @triton.jit
@@ -94,7 +108,7 @@ def _softplus2_sigmoid(y):
     1 / (1 + t) for x >= 0 and t / (1 + t) below."""
     t = tl.exp2(-tl.abs(y))
     u = 1.0 + t
-    return tl.maximum(y, 0.0) + tl.log2(u), tl.where(y >= 0, 1.0, t) / u
+    return tl.maximum(y, 0.0) + _log2_1p(t), tl.where(y >= 0, 1.0, t) / u
 
 
 @triton.jit
@@ -442,16 +456,18 @@ class Config:
 
 
 _INTERPRETER_CONFIG = Config(32, 16, 4, 1, 16, 32, 32, 16, 4, 1)  # tiles of unequal sizes both ways
-_GPU_CONFIG = Config(64, 64, 4, 3, 32, 64, 64, 32, 4, 3)
+# Chosen on the H200 by bench/tune_softplus.py (D = 128, bf16, causal, N = 32768; bench/results_softplus_attnres.md):
+# LSSA's backward is fastest with square 64-tiles, LSSAR's (three passes) with the narrower ones.
+_GPU_CONFIGS = {False: Config(64, 64, 4, 3, 64, 64, 64, 64, 4, 2), True: Config(64, 64, 4, 3, 32, 64, 64, 32, 4, 3)}
 
 
-def config() -> Config:
-    """The tiles: one config under the interpreter, one on the GPU; ``ATTNCC_SOFTPLUS_CONFIG`` (a JSON
-    list of Config's ten fields) overrides both, for tuning and tests."""
+def config(reweight: bool = False) -> Config:
+    """The tiles: one config under the interpreter, one per variant (LSSA, LSSAR) on the GPU;
+    ``ATTNCC_SOFTPLUS_CONFIG`` (a JSON list of Config's ten fields) overrides them, for tuning and tests."""
     override = os.environ.get("ATTNCC_SOFTPLUS_CONFIG")
     if override:
         return Config(*json.loads(override))
-    return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIG
+    return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIGS[reweight]
 
 
 def _common(q, k, v, key_padding):
@@ -466,7 +482,7 @@ def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    cfg = config()
+    cfg = config(p > 0)
     o = launch.alloc((B, H, TQ, DV), q.dtype, q.device)
     l = launch.alloc((B, H, TQ), torch.float32, q.device)
     lse = launch.alloc((B, H, TQ), torch.float32, q.device) if p > 0 else l
@@ -484,7 +500,7 @@ def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float,
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    cfg = config()
+    cfg = config(p > 0)
     c = c.float().contiguous()
     n = n.float().contiguous() if n is not None else c
     r = 1.0 / (l + eps)
