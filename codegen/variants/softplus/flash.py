@@ -10,6 +10,12 @@ normalization) and c_i = log(D)·log(n_i) per query row (n_i its number of allow
 running maximum is needed: the numerator and the normalizer accumulate in one pass over the keys,
 O(N·D) memory, key tiles past the causal limit skipped. A row with no allowed key has l = 0, o = 0.
 
+What the kernels do per score, in log2 units (y = c_i·log2(e)·q̂·k̂, so a/ln 2 = max(y, 0) + log2(1 + 2^-|y|);
+the ln 2 cancels in a / Σ a and is folded into l, r and eps): one exp2, t = 2^-|y|, on the special-function
+unit, and log2(1 + t) as a polynomial on the FMA units (`_log2_1p`). The backward's sigmoid shares that
+t (1/(1+t) or t/(1+t)). Each pass splits its tiles into those at an edge (the diagonal, a length; masked)
+and those away from it (no mask but key padding, unmasked loads when the head dims are powers of two).
+
 Backward, with r_i = 1/(l_i + eps) and δ_i = -r_i (do_i·o_i) (precomputed, one row each):
 
     da_ij = r_i (do_i·v_j) + δ_i,   ds_ij = da_ij · c_i · sigmoid(c_i q̂_i·k̂_j)   (allowed pairs)
