@@ -90,6 +90,9 @@ LSSAR_CASES = [
     pytest.param(15.0, CASES[2].values[0], id="p15-" + CASES[2].id),
     pytest.param(3.0, CASES[3].values[0], id="p3-" + CASES[3].id),
     pytest.param(15.0, CASES[4].values[0], id="p15-" + CASES[4].id),
+    # p not an integer: the log form (exp2 of p·log2 x) instead of powers by multiplication; p = 1: x^(p-1) = 1
+    pytest.param(2.5, CASES[0].values[0], id="p2.5-" + CASES[0].id),
+    pytest.param(1.0, CASES[1].values[0], id="p1-" + CASES[1].id),
 ]
 
 

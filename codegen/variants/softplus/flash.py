@@ -23,7 +23,8 @@ Backward, with r_i = 1/(l_i + eps) and δ_i = -r_i (do_i·o_i) (precomputed, one
 
 `_dq` runs one program per query tile over the key tiles; `_dkv` one per key tile and kv head over
 the query tiles of every query head of its GQA group (dk, dv of a kv head sum over its group).
-LSSA and LSSAR share the kernels: REWEIGHT (a constexpr) adds LSSAR's second pass and terms; in the
+LSSA and LSSAR share the kernels: REWEIGHT (a constexpr: 0 LSSA; p for an integer p, whose powers the kernels
+form by multiplication; -1 for another p, in the log form) adds LSSAR's second pass and terms; in the
 backward an LSSA row is an LSSAR row that kept no entry (da = r·dp + beta with beta = -r D).
 
 LSSAR (reweight_p = p > 0, §5.4), with r_i = 1/(l_i + eps), offset o_i = 0 for query rows 0, 1, 2
@@ -103,6 +104,19 @@ def _log2_1p(t):
 
 
 @triton.jit
+def _ipow(x, P: tl.constexpr):
+    """x ** P for a constexpr integer 0 <= P < 128, by repeated squaring on the FMA units."""
+    out = tl.full(x.shape, 1.0, tl.float32)
+    base = x
+    for i in tl.static_range(7):
+        if (P >> i) & 1:
+            out = out * base
+        if (P >> (i + 1)) > 0:
+            base = base * base
+    return out
+
+
+@triton.jit
 def _softplus2(y):
     """softplus in log2 units: softplus(x) / ln 2 for y = x·log2(e)."""
     return tl.maximum(y, 0.0) + _log2_1p(tl.exp2(-tl.abs(y)))
@@ -179,8 +193,10 @@ def _lssa_tile(acc, l, q, c2, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, 
 def _lssar_tile(acc, m, total, q, c2, nr2, off, P, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV,
                 stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
                 BN: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr,
-                EVEN: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile of LSSAR's pass: the online softmax over z = p log x (in log2 units)."""
+                EVEN: tl.constexpr, PRECISION: tl.constexpr, REWEIGHT: tl.constexpr):
+    """One key tile of LSSAR's pass: the online softmax over z = p log x. With an integer p (REWEIGHT > 0)
+    the running maximum m is that of x and the weights are (x / m)^p, by multiplication; else m is that
+    of z in log2 units and the weights are exp2(z - m)."""
     rn = start + tl.arange(0, BN)
     k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, EDGE, EVEN)
     v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
@@ -188,11 +204,18 @@ def _lssar_tile(acc, m, total, q, c2, nr2, off, P, start, b, kvh, rm, rd, rdv, k
     kept = x > 0
     if EDGE or PADDED:
         kept = kept & _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
-    z = tl.where(kept, P * tl.log2(tl.where(kept, x, 1.0)), float("-inf"))
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m - m_safe)
-    w = tl.exp2(z - m_safe[:, None])  # 0 where z = -inf
+    if REWEIGHT > 0:
+        x = tl.where(kept, x, 0.0)
+        m_new = tl.maximum(m, tl.max(x, axis=1))  # m starts at 0
+        inv = 1.0 / tl.where(m_new > 0, m_new, 1.0)
+        alpha = _ipow(m * inv, REWEIGHT)
+        w = _ipow(x * inv[:, None], REWEIGHT)  # 0 where not kept
+    else:
+        z = tl.where(kept, P * tl.log2(tl.where(kept, x, 1.0)), float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(z - m_safe[:, None])  # 0 where z = -inf
     acc = tl.dot(w.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, m_new, total * alpha + tl.sum(w, axis=1)
 
@@ -236,19 +259,24 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
         off = tl.where(rm >= UNSHIFTED, 1.0, 0.0)
         nr2 = n * r * _LN2
         acc = tl.zeros((BM, BDV), dtype=tl.float32)
-        m = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        if REWEIGHT > 0:
+            m = tl.zeros((BM,), dtype=tl.float32)
+        else:
+            m = tl.full((BM,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BM,), dtype=tl.float32)
         p = P * 1.0
         for start in range(0, whole, BN):
             acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, p, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
                                         kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
-                                        stride_vt, stride_kpb, BN, CAUSAL, PADDED, False, EVEN, PRECISION)
+                                        stride_vt, stride_kpb, BN, CAUSAL, PADDED, False, EVEN, PRECISION, REWEIGHT)
         for start in range(whole, hi, BN):
             acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, p, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
                                         kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
-                                        stride_vt, stride_kpb, BN, CAUSAL, PADDED, True, EVEN, PRECISION)
+                                        stride_vt, stride_kpb, BN, CAUSAL, PADDED, True, EVEN, PRECISION, REWEIGHT)
         any_kept = total > 0
         o = tl.where(any_kept[:, None], acc / tl.where(any_kept, total, 1.0)[:, None], o)
+        if REWEIGHT > 0:  # lse = log Σ x^p = log total + p log m
+            m = P * tl.log2(tl.where(any_kept, m, 1.0))
         lse = tl.where(any_kept, (m + tl.log2(tl.where(any_kept, total, 1.0))) * _LN2, float("-inf"))
         tl.store(lse_ptr + bh * TQ + rm, lse, mask=rm < TQ)
     tl.store(o_ptr + (bh * TQ + rm[:, None]) * DV + rdv[None, :], o.to(o_ptr.dtype.element_ty),
@@ -268,9 +296,16 @@ def _tile_grads(s, allowed, dp, c, c2, n, off, r, lse2, kept_row, dd, beta, P, R
         kept = (x > 0) & kept_row[:, None]
         if MASKED:
             kept = kept & allowed
-        xs = tl.where(kept, x, 1.0)
-        a2 = tl.where(kept, tl.exp2(P * tl.log2(xs) - lse2[:, None]), 0.0)
-        dx = a2 * (dp - dd[:, None]) * P / xs
+        if REWEIGHT > 0:  # x^p / e^lse = (x·srow)^p and a2 / x = srow·(x·srow)^(p-1), srow = e^(-lse/p) <= 1/x
+            srow = tl.exp2(-lse2 / P)
+            u = tl.where(kept, x, 0.0) * srow[:, None]
+            u_pm1 = _ipow(u, REWEIGHT - 1)
+            a2 = u_pm1 * u
+            dx = tl.where(kept, (P * srow)[:, None] * u_pm1 * (dp - dd[:, None]), 0.0)
+        else:
+            xs = tl.where(kept, x, 1.0)
+            a2 = tl.where(kept, tl.exp2(P * tl.log2(xs) - lse2[:, None]), 0.0)
+            dx = a2 * (dp - dd[:, None]) * P / xs
         da = tl.where(kept_row[:, None], (n * r)[:, None] * dx, r[:, None] * dp) + beta[:, None]
         w = tl.where(kept_row[:, None], a2, a * (r * _LN2)[:, None])
     else:
@@ -476,6 +511,14 @@ def config(reweight: bool = False) -> Config:
     return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIGS[reweight]
 
 
+def _reweight(p: float) -> int:
+    """The kernels' REWEIGHT: 0 for LSSA; p itself for LSSAR with an integer p below 128 (powers by
+    multiplication); -1 for any other p (the log form)."""
+    if p <= 0:
+        return 0
+    return int(p) if p == int(p) and p < 128 else -1
+
+
 def _common(q, k, v, key_padding):
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     kp, stride_kpb, padded = launch.key_padding(key_padding, q)
@@ -497,7 +540,7 @@ def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
     _fwd[(triton.cdiv(TQ, cfg.bm), B * H)](
         q, k, v, c, n, kp, o, l, lse, TQ, TK, H, HKV, D, DV, float(eps), float(p),
         *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb, CAUSAL=causal, PADDED=padded,
-        PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=p > 0, BM=cfg.bm, BN=cfg.bn,
+        PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS, REWEIGHT=_reweight(p), BM=cfg.bm, BN=cfg.bn,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **blocks)
     return o, l, lse
 
@@ -517,7 +560,7 @@ def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float,
     do = do.to(q.dtype).contiguous()
     common = (TQ, TK, H, HKV, D, DV, float(p), B * H * TQ, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb)
     flags = dict(CAUSAL=causal, PADDED=padded, PRECISION=launch.dot_precision(q.dtype), UNSHIFTED=UNSHIFTED_ROWS,
-                 REWEIGHT=p > 0, num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **blocks)
+                 REWEIGHT=_reweight(p), num_warps=cfg.bwd_num_warps, num_stages=cfg.bwd_num_stages, **blocks)
     grid_q = (triton.cdiv(TQ, cfg.bm2), B * H)
     if p > 0:  # LSSAR rows that kept an entry: beta = -n r² R, R a row reduction over every key
         big_r = launch.alloc((B, H, TQ), torch.float32, q.device)
