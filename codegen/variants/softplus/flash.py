@@ -341,6 +341,20 @@ def _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm, rd, rdv, TQ, 
 
 
 @triton.jit
+def _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r, lse2, kept_row, dd, beta, P,
+                CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr,
+                REWEIGHT: tl.constexpr):
+    """_tile_grads of the query rows rm and key rows rn: the two tile products s = q·k and dp = dO·v first."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    allowed = s
+    if EDGE or PADDED:
+        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
+    return _tile_grads(s, allowed, dp, c, c * _LOG2E, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
+                       EDGE or PADDED)
+
+
+@triton.jit
 def _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, P, start, b, kvh, rm, rd, rdv,
              k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
              stride_kpb, BN: tl.constexpr, CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr,
@@ -348,13 +362,8 @@ def _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, P, start,
     rn = start + tl.arange(0, BN)
     k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, EDGE, EVEN)
     v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    allowed = s
-    if EDGE or PADDED:
-        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
-    a, dx, ds, w = _tile_grads(s, allowed, dp, c, c * _LOG2E, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
-                               EDGE or PADDED)
+    a, dx, ds, w = _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r, lse2, kept_row, dd,
+                               beta, P, CAUSAL, PADDED, EDGE, PRECISION, REWEIGHT)
     if ROW_SUM:
         big_r += tl.sum(dx * a, axis=1) * _LN2
     else:
@@ -412,13 +421,8 @@ def _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, 
     q, do, c, n, off, r, lse2, kept_row, dd, beta = _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm,
                                                               rd, rdv, TQ, D, DV, BHT, stride_qb, stride_qh,
                                                               stride_qt, UNSHIFTED, EDGE, EVEN)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    allowed = s
-    if EDGE or PADDED:
-        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
-    a, dx, ds, w = _tile_grads(s, allowed, dp, c, c * _LOG2E, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
-                               EDGE or PADDED)
+    a, dx, ds, w = _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r, lse2, kept_row, dd,
+                               beta, P, CAUSAL, PADDED, EDGE, PRECISION, REWEIGHT)
     dv = tl.dot(tl.trans(w.to(do.dtype)), do, dv, input_precision=PRECISION)
     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
     return dk, dv
