@@ -1,7 +1,8 @@
 """GPU tuning: the softplus kernels' tiles (codegen/variants/softplus/flash.py, `Config`), timed at one shape.
 
 B=1, H=16, D=128, bf16, causal. For each forward config, LSSA and LSSAR (p = 15) forward; for each backward
-config (with the chosen forward), forward + backward. SDPA cuDNN causal softmax is timed beside them. The
+config (with the chosen forward), forward + backward; a config whose gradients differ between two
+identical calls is rejected. SDPA cuDNN causal softmax is timed beside them. The
 best configs are printed last as the JSON that ATTNCC_SOFTPLUS_CONFIG takes, and written to
 $OUT/softplus_config.json when OUT is set.
 
@@ -39,8 +40,12 @@ def time_config(cfg, inputs, do, p):
     try:
         fwd = bench(fn, [q, k, v])
         both = bench(lambda: fn().backward(do), [q, k, v])
+        grads = [torch.autograd.grad(fn(), (q, k, v), do) for _ in range(2)]
     except Exception as e:  # a config that does not fit (shared memory) is reported, not fatal
         print(f"{cfg} p={p}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return float("inf"), float("inf")
+    if not all(torch.equal(a, b) for a, b in zip(*grads)):  # no atomics: anything else is a miscompile
+        print(f"{cfg} p={p}: the gradients differ between two identical calls; rejected", flush=True)
         return float("inf"), float("inf")
     print(f"{cfg} p={p}: {fwd:.3f} / {both:.3f} ms", flush=True)
     return fwd, both
