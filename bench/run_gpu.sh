@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
-#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|tune_softplus|model|model_train|model_attnres|model_linear|model_softplus|model_mask|decode|profile_decode|all
+#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|softplus|tune_softplus|model|model_train|model_attnres|model_linear|model_softplus|model_mask|decode|profile_decode|all
 # attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
 # checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
@@ -39,6 +39,11 @@ if [ "$what" = softplus_attnres ]; then  # the softplus and AttnRes kernels (fla
         export PYTHONPATH=/tmp/site
     fi
     python "$REPO/bench/bench_softplus_attnres.py" --sizes ${SIZES:-8192 32768} 2>&1 | tee "$OUT/bench_softplus_attnres.log" | tail -16
+fi
+if [ "$what" = softplus ]; then  # the softplus kernels only: GPU tests, kernel bench (no AttnRes), the model at 32768
+    python -m pytest -q -m gpu "$REPO/tests/test_softplus_kernel.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_softplus.log" | tail -6 || status=1
+    (cd "$REPO/bench" && python bench_softplus_attnres.py --skip attnres --sizes ${SIZES:-32768 8192}) 2>&1 | tee "$OUT/bench_softplus.log" | tail -12
+    python "$REPO/bench/bench_model.py" --policy softplus --sizes 32768 2>&1 | tee "$OUT/bench_model_softplus.log" | tail -6
 fi
 if [ "$what" = tune_softplus ]; then  # the softplus kernels: GPU tests, then the tiles swept at one size
     python -m pytest -q -m gpu "$REPO/tests/test_softplus_kernel.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_softplus.log" | tail -6 || status=1
