@@ -151,7 +151,8 @@ def test_checkpoint_parameters_load_exactly(ddp, tmp):
 
 @pytest.mark.xfail(strict=True, reason="FSDP2 fully_shard per decoder layer: torch 2.13 runs FSDP2's hooks under "
                    "torch._dynamo.disable ('skipping FSDP hooks'), so each unit is a graph break and the residual "
-                   "stream is never whole in one graph; attncc then rewrites no residual site (silently)")
+                   "stream is never whole in one graph; attncc then rewrites no residual site (the report marks "
+                   "each one unsupported: 'the stream enters this graph as an input')")
 def test_fsdp2_per_layer_rewrites_attnres(tmp):
     run = _torchrun(tmp / "fsdp_per_layer", "--fsdp", "--fsdp-per-layer", "--steps", "1")
     assert run["result"][0]["rewritten_residual"] == 4

@@ -231,7 +231,7 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
     """One query tile: pass 1 is LSSA (row sums l and the LSSA output); with REWEIGHT, pass 2 the online
     softmax over z = p log x of LSSAR (rows that keep no entry return the LSSA output)."""
     pm = tl.num_programs(0) - 1 - tl.program_id(0)  # the heaviest causal tiles start first
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets past 2^31 elements (B·H·T·D) stay right
     b = bh // H
     h = bh % H
     kvh = h // (H // HKV)
@@ -381,7 +381,7 @@ def _dq(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, out_ptr,
         EVEN: tl.constexpr, ROW_SUM: tl.constexpr):
     """One query tile over its key tiles: dq̂ [BM, D], or (ROW_SUM) LSSAR's R_i = Σ_j dx_ij a_ij [BM]."""
     pm = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     kvh = h // (H // HKV)
@@ -439,7 +439,7 @@ def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv
     """One key tile of one kv head over the query tiles of every query head of its group: dk̂, dv.
     Query tiles [lo, f_lo) and [f_hi, end) are at an edge; [f_lo, f_hi) are whole and wholly after the keys."""
     pn = tl.program_id(0)
-    bkv = tl.program_id(1)
+    bkv = tl.program_id(1).to(tl.int64)
     b = bkv // HKV
     kvh = bkv % HKV
     group = H // HKV
