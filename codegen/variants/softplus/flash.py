@@ -264,13 +264,12 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
         else:
             m = tl.full((BM,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BM,), dtype=tl.float32)
-        p = P * 1.0
         for start in range(0, whole, BN):
-            acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, p, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
+            acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, P, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
                                         kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                                         stride_vt, stride_kpb, BN, CAUSAL, PADDED, False, EVEN, PRECISION, REWEIGHT)
         for start in range(whole, hi, BN):
-            acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, p, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
+            acc, m, total = _lssar_tile(acc, m, total, q, c2, nr2, off, P, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr,
                                         kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh,
                                         stride_vt, stride_kpb, BN, CAUSAL, PADDED, True, EVEN, PRECISION, REWEIGHT)
         any_kept = total > 0
@@ -285,12 +284,12 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
 
 
 @triton.jit
-def _tile_grads(s, allowed, dp, c, c2, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT: tl.constexpr,
+def _tile_grads(s, allowed, dp, c, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT: tl.constexpr,
                 MASKED: tl.constexpr):
     """(a, dx, ds, w) of one tile: a in log2 units, dx_ij (0 off the kept entries), ds_ij, and w_ij the
     weight of dO_i in dv_j. Without REWEIGHT (LSSA), every row is an LSSA row: da = r dp + beta. MASKED:
     `allowed` excludes pairs (else every pair of the tile is allowed)."""
-    a, sig = _softplus2_sigmoid(c2[:, None] * s)
+    a, sig = _softplus2_sigmoid((c * _LOG2E)[:, None] * s)
     if REWEIGHT:
         x = (n * r * _LN2)[:, None] * a - off[:, None]
         kept = (x > 0) & kept_row[:, None]
@@ -350,7 +349,7 @@ def _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r
     allowed = s
     if EDGE or PADDED:
         allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
-    return _tile_grads(s, allowed, dp, c, c * _LOG2E, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
+    return _tile_grads(s, allowed, dp, c, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
                        EDGE or PADDED)
 
 
@@ -393,15 +392,14 @@ def _dq(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, out_ptr,
                                                               stride_qt, UNSHIFTED, True, EVEN)
     dq = tl.zeros((BM, BD), dtype=tl.float32)
     big_r = tl.zeros((BM,), dtype=tl.float32)
-    p = P * 1.0
     whole, hi = _key_tiles(pm, TK, BM, BN, CAUSAL)
     for start in range(0, whole, BN):
-        dq, big_r = _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, p, start, b, kvh, rm, rd, rdv,
+        dq, big_r = _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, P, start, b, kvh, rm, rd, rdv,
                              k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb,
                              stride_vh, stride_vt, stride_kpb, BN, CAUSAL, PADDED, False, EVEN, PRECISION, REWEIGHT,
                              ROW_SUM)
     for start in range(whole, hi, BN):
-        dq, big_r = _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, p, start, b, kvh, rm, rd, rdv,
+        dq, big_r = _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, P, start, b, kvh, rm, rd, rdv,
                              k_ptr, v_ptr, kp_ptr, TQ, TK, D, DV, stride_kb, stride_kh, stride_kt, stride_vb,
                              stride_vh, stride_vt, stride_kpb, BN, CAUSAL, PADDED, True, EVEN, PRECISION, REWEIGHT,
                              ROW_SUM)
@@ -461,21 +459,20 @@ def _dkv(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, do_ptr, rows_ptr, dk_ptr, dv
     key_whole = pn * BN + BN <= TK
     f_lo = tl.where(key_whole, f_lo, end)
     f_hi = tl.where(key_whole, f_hi, end)
-    p = P * 1.0
     for g in range(group):
         h = kvh * group + g
         bh = b * H + h
         for start in range(lo, f_lo, BM):
             dk, dv = _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr,
-                               kp_ptr, TQ, TK, D, DV, p, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
+                               kp_ptr, TQ, TK, D, DV, P, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
                                PADDED, True, EVEN, PRECISION, UNSHIFTED, REWEIGHT)
         for start in range(f_lo, f_hi, BM):
             dk, dv = _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr,
-                               kp_ptr, TQ, TK, D, DV, p, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
+                               kp_ptr, TQ, TK, D, DV, P, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
                                PADDED, False, EVEN, PRECISION, UNSHIFTED, REWEIGHT)
         for start in range(f_hi, end, BM):
             dk, dv = _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr,
-                               kp_ptr, TQ, TK, D, DV, p, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
+                               kp_ptr, TQ, TK, D, DV, P, BHT, stride_qb, stride_qh, stride_qt, stride_kpb, BM, CAUSAL,
                                PADDED, True, EVEN, PRECISION, UNSHIFTED, REWEIGHT)
     tl.store(dk_ptr + (bkv * TK + rn[:, None]) * D + rd[None, :], dk.to(dk_ptr.dtype.element_ty),
              mask=(rn[:, None] < TK) & (rd[None, :] < D))
@@ -506,16 +503,16 @@ _INTERPRETER_CONFIG = Config(32, 16, 4, 1, 16, 32, 32, 16, 4, 1)  # tiles of une
 # different dk on each call of the same inputs (a relative error of 0.16-0.48 against 0.046 with square tiles),
 # at D = 128 and either REWEIGHT; the CPU interpreter computes it right. Square 64-tiles for both variants, and
 # a GPU test that the backward is deterministic.
-_GPU_CONFIGS = {False: Config(64, 64, 4, 3, 64, 64, 64, 64, 4, 2), True: Config(64, 64, 4, 3, 64, 64, 64, 64, 4, 2)}
+_GPU_CONFIG = Config(64, 64, 4, 3, 64, 64, 64, 64, 4, 2)
 
 
-def config(reweight: bool = False) -> Config:
-    """The tiles: one config under the interpreter, one per variant (LSSA, LSSAR) on the GPU;
+def config() -> Config:
+    """The tiles: one config under the interpreter, one on the GPU (LSSA and LSSAR alike);
     ``ATTNCC_SOFTPLUS_CONFIG`` (a JSON list of Config's ten fields) overrides them, for tuning and tests."""
     override = os.environ.get("ATTNCC_SOFTPLUS_CONFIG")
     if override:
         return Config(*json.loads(override))
-    return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIGS[reweight]
+    return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIG
 
 
 def _reweight(p: float) -> int:
@@ -538,7 +535,7 @@ def _forward(q, k, v, c, n, key_padding, causal: bool, p: float, eps: float):
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    cfg = config(p > 0)
+    cfg = config()
     o = launch.alloc((B, H, TQ, DV), q.dtype, q.device)
     l = launch.alloc((B, H, TQ), torch.float32, q.device)
     lse = launch.alloc((B, H, TQ), torch.float32, q.device) if p > 0 else l
@@ -556,7 +553,7 @@ def _backward(do, q, k, v, c, n, o, l, lse, key_padding, causal: bool, p: float,
     B, H, TQ, D = q.shape
     HKV, TK, DV = k.shape[1], k.shape[2], v.shape[-1]
     q, k, v, kp, stride_kpb, padded, blocks = _common(q, k, v, key_padding)
-    cfg = config(p > 0)
+    cfg = config()
     c = c.float().contiguous()
     n = n.float().contiguous() if n is not None else c
     r = 1.0 / (l + eps)
