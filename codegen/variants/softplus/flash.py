@@ -56,8 +56,6 @@ These formulas match autograd of the reference in float64 to 1e-15 (tests check 
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -132,18 +130,39 @@ def _softplus2_sigmoid(y):
 
 
 @triton.jit
-def _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
-             EDGE: tl.constexpr):
-    """The allowed pairs of a tile. Away from the edges (EDGE false: rows and keys inside the lengths,
-    every key at or before every row) only key padding can exclude a pair: [1, BN] then."""
-    if EDGE:
-        ok = (rm[:, None] < TQ) & (rn[None, :] < TK)
-        if CAUSAL:
-            ok = ok & (rn[None, :] <= rm[:, None])
-        if PADDED:
-            ok = ok & (tl.load(kp_ptr + b * stride_kpb + rn, mask=rn < TK, other=0) != 0)[None, :]
+def _rows_of(x, TRANS: tl.constexpr):
+    """A per-query-row vector as a column of a [rows, keys] tile, or (TRANS) as a row of a [keys, rows] one."""
+    if TRANS:
+        return x[None, :]
+    else:  # an else, not a fall-through: Triton compiles a constexpr if's taken branch and what follows it
+        return x[:, None]
+
+
+@triton.jit
+def _keys_of(x, TRANS: tl.constexpr):
+    """A per-key vector as a row of a [rows, keys] tile, or (TRANS) as a column of a [keys, rows] one."""
+    if TRANS:
+        return x[:, None]
     else:
-        ok = (tl.load(kp_ptr + b * stride_kpb + rn) != 0)[None, :]
+        return x[None, :]
+
+
+@triton.jit
+def _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL: tl.constexpr, PADDED: tl.constexpr,
+             EDGE: tl.constexpr, TRANS: tl.constexpr):
+    """The allowed pairs of a [rows, keys] tile ([keys, rows] with TRANS). Away from the edges (EDGE false:
+    rows and keys inside the lengths, every key at or before every row) only key padding can exclude a
+    pair: a single row (column) of keys then."""
+    rows = _rows_of(rm, TRANS)
+    keys = _keys_of(rn, TRANS)
+    if EDGE:
+        ok = (rows < TQ) & (keys < TK)
+        if CAUSAL:
+            ok = ok & (keys <= rows)
+        if PADDED:
+            ok = ok & _keys_of(tl.load(kp_ptr + b * stride_kpb + rn, mask=rn < TK, other=0) != 0, TRANS)
+    else:
+        ok = _keys_of(tl.load(kp_ptr + b * stride_kpb + rn) != 0, TRANS)
     return ok
 
 
@@ -185,7 +204,7 @@ def _lssa_tile(acc, l, q, c2, start, b, kvh, rm, rd, rdv, k_ptr, v_ptr, kp_ptr, 
     v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
     a = _softplus2(c2[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION))
     if EDGE or PADDED:
-        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE), a, 0.0)
+        a = tl.where(_allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE, False), a, 0.0)
     return tl.dot(a.to(v.dtype), v, acc, input_precision=PRECISION), l + tl.sum(a, axis=1)
 
 
@@ -203,7 +222,7 @@ def _lssar_tile(acc, m, total, q, c2, nr2, off, P, start, b, kvh, rm, rd, rdv, k
     x = nr2[:, None] * _softplus2(c2[:, None] * tl.dot(q, tl.trans(k), input_precision=PRECISION)) - off[:, None]
     kept = x > 0
     if EDGE or PADDED:
-        kept = kept & _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
+        kept = kept & _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE, False)
     if REWEIGHT > 0:
         x = tl.where(kept, x, 0.0)
         m_new = tl.maximum(m, tl.max(x, axis=1))  # m starts at 0
@@ -285,33 +304,40 @@ def _fwd(q_ptr, k_ptr, v_ptr, c_ptr, n_ptr, kp_ptr, o_ptr, l_ptr, lse_ptr,
 
 @triton.jit
 def _tile_grads(s, allowed, dp, c, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT: tl.constexpr,
-                MASKED: tl.constexpr):
+                MASKED: tl.constexpr, TRANS: tl.constexpr):
     """(a, dx, ds, w) of one tile: a in log2 units, dx_ij (0 off the kept entries), ds_ij, and w_ij the
     weight of dO_i in dv_j. Without REWEIGHT (LSSA), every row is an LSSA row: da = r dp + beta. MASKED:
-    `allowed` excludes pairs (else every pair of the tile is allowed)."""
-    a, sig = _softplus2_sigmoid((c * _LOG2E)[:, None] * s)
+    `allowed` excludes pairs (else every pair of the tile is allowed). The tiles are [rows, keys], or
+    [keys, rows] with TRANS (what dk and dv take as they are); the per-row vectors come as vectors."""
+    c = _rows_of(c, TRANS)
+    r = _rows_of(r, TRANS)
+    beta = _rows_of(beta, TRANS)
+    a, sig = _softplus2_sigmoid((c * _LOG2E) * s)
     if REWEIGHT:
-        x = (n * r * _LN2)[:, None] * a - off[:, None]
-        kept = (x > 0) & kept_row[:, None]
+        n = _rows_of(n, TRANS)
+        dd = _rows_of(dd, TRANS)
+        kept_row = _rows_of(kept_row, TRANS)
+        x = (n * r * _LN2) * a - _rows_of(off, TRANS)
+        kept = (x > 0) & kept_row
         if MASKED:
             kept = kept & allowed
         if REWEIGHT > 0:  # x^p / e^lse = (x·srow)^p and a2 / x = srow·(x·srow)^(p-1), srow = e^(-lse/p) <= 1/x
-            srow = tl.exp2(-lse2 / P)
-            u = tl.where(kept, x, 0.0) * srow[:, None]
+            srow = tl.exp2(-_rows_of(lse2, TRANS) / P)
+            u = tl.where(kept, x, 0.0) * srow
             u_pm1 = _ipow(u, REWEIGHT - 1)
             a2 = u_pm1 * u
-            dx = tl.where(kept, (P * srow)[:, None] * u_pm1 * (dp - dd[:, None]), 0.0)
+            dx = tl.where(kept, (P * srow) * u_pm1 * (dp - dd), 0.0)
         else:
             xs = tl.where(kept, x, 1.0)
-            a2 = tl.where(kept, tl.exp2(P * tl.log2(xs) - lse2[:, None]), 0.0)
-            dx = a2 * (dp - dd[:, None]) * P / xs
-        da = tl.where(kept_row[:, None], (n * r)[:, None] * dx, r[:, None] * dp) + beta[:, None]
-        w = tl.where(kept_row[:, None], a2, a * (r * _LN2)[:, None])
+            a2 = tl.where(kept, tl.exp2(P * tl.log2(xs) - _rows_of(lse2, TRANS)), 0.0)
+            dx = a2 * (dp - dd) * P / xs
+        da = tl.where(kept_row, (n * r) * dx, r * dp) + beta
+        w = tl.where(kept_row, a2, a * (r * _LN2))
     else:
         dx = a * 0.0
-        da = r[:, None] * dp + beta[:, None]
-        w = a * (r * _LN2)[:, None]
-    ds = da * c[:, None] * sig
+        da = r * dp + beta
+        w = a * (r * _LN2)
+    ds = da * c * sig
     if MASKED:
         ds = tl.where(allowed, ds, 0.0)
         w = tl.where(allowed, w, 0.0)
@@ -342,15 +368,20 @@ def _bwd_rows(q_ptr, do_ptr, c_ptr, n_ptr, rows_ptr, b, h, bh, rm, rd, rdv, TQ, 
 @triton.jit
 def _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r, lse2, kept_row, dd, beta, P,
                 CAUSAL: tl.constexpr, PADDED: tl.constexpr, EDGE: tl.constexpr, PRECISION: tl.constexpr,
-                REWEIGHT: tl.constexpr):
-    """_tile_grads of the query rows rm and key rows rn: the two tile products s = q·k and dp = dO·v first."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                REWEIGHT: tl.constexpr, TRANS: tl.constexpr):
+    """_tile_grads of the query rows rm and key rows rn: the two tile products s = q·k and dp = dO·v first,
+    as [rows, keys] tiles, or (TRANS) as [keys, rows] ones: k·qᵀ and v·dOᵀ, which transpose loaded tiles
+    only (the dk and dv products then take ds and w as they are, no register tile is transposed)."""
+    if TRANS:
+        s = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     allowed = s
     if EDGE or PADDED:
-        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE)
-    return _tile_grads(s, allowed, dp, c, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT,
-                       EDGE or PADDED)
+        allowed = _allowed(rm, rn, b, kp_ptr, stride_kpb, TQ, TK, CAUSAL, PADDED, EDGE, TRANS)
+    return _tile_grads(s, allowed, dp, c, n, off, r, lse2, kept_row, dd, beta, P, REWEIGHT, EDGE or PADDED, TRANS)
 
 
 @triton.jit
@@ -362,7 +393,7 @@ def _dq_tile(dq, big_r, q, do, c, n, off, r, lse2, kept_row, dd, beta, P, start,
     k = _load(k_ptr, b, kvh, rn, rd, stride_kb, stride_kh, stride_kt, TK, D, EDGE, EVEN)
     v = _load(v_ptr, b, kvh, rn, rdv, stride_vb, stride_vh, stride_vt, TK, DV, EDGE, EVEN)
     a, dx, ds, w = _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r, lse2, kept_row, dd,
-                               beta, P, CAUSAL, PADDED, EDGE, PRECISION, REWEIGHT)
+                               beta, P, CAUSAL, PADDED, EDGE, PRECISION, REWEIGHT, False)
     if ROW_SUM:
         big_r += tl.sum(dx * a, axis=1) * _LN2
     else:
@@ -420,9 +451,9 @@ def _dkv_tile(dk, dv, k, v, start, b, h, bh, rn, rd, rdv, q_ptr, do_ptr, c_ptr, 
                                                               rd, rdv, TQ, D, DV, BHT, stride_qb, stride_qh,
                                                               stride_qt, UNSHIFTED, EDGE, EVEN)
     a, dx, ds, w = _pair_grads(q, k, do, v, rm, rn, b, kp_ptr, stride_kpb, TQ, TK, c, n, off, r, lse2, kept_row, dd,
-                               beta, P, CAUSAL, PADDED, EDGE, PRECISION, REWEIGHT)
-    dv = tl.dot(tl.trans(w.to(do.dtype)), do, dv, input_precision=PRECISION)
-    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
+                               beta, P, CAUSAL, PADDED, EDGE, PRECISION, REWEIGHT, True)
+    dv = tl.dot(w.to(do.dtype), do, dv, input_precision=PRECISION)  # w, ds: [keys, rows]
+    dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -499,20 +530,17 @@ class Config:
 
 _INTERPRETER_CONFIG = Config(32, 16, 4, 1, 16, 32, 32, 16, 4, 1)  # tiles of unequal sizes both ways
 # Chosen on the H200 by bench/tune_softplus.py (D = 128, bf16, causal, N = 32768; bench/results_softplus_attnres.md).
-# LSSAR's backward measured faster with bm1 = 32 < bn1 = 64, but on the H200 (triton 3.6) that _dkv gave a
-# different dk on each call of the same inputs (a relative error of 0.16-0.48 against 0.046 with square tiles),
-# at D = 128 and either REWEIGHT; the CPU interpreter computes it right. Square 64-tiles for both variants, and
-# a GPU test that the backward is deterministic.
-_GPU_CONFIG = Config(64, 64, 4, 3, 64, 64, 64, 64, 4, 2)
+# When _dkv built its tiles as [rows, keys] and transposed ds and w for the dk and dv products, bm1 = 32 < bn1 = 64
+# gave a different dk on each call of the same inputs on the H200 (triton 3.6; relative error 0.16-0.48 against
+# 0.046), which the CPU interpreter does not show. Built as [keys, rows] (TRANS), the same tiles are deterministic
+# (tune_softplus.py checks it, and a GPU test) and the fastest backward: LSSA 56.0, LSSAR 114.0 ms fwd+bwd.
+_GPU_CONFIG = Config(128, 64, 8, 3, 32, 64, 64, 32, 4, 3)
 
 
 def config() -> Config:
     """The tiles: one config under the interpreter, one on the GPU (LSSA and LSSAR alike);
     ``ATTNCC_SOFTPLUS_CONFIG`` (a JSON list of Config's ten fields) overrides them, for tuning and tests."""
-    override = os.environ.get("ATTNCC_SOFTPLUS_CONFIG")
-    if override:
-        return Config(*json.loads(override))
-    return _INTERPRETER_CONFIG if launch.interpreting() else _GPU_CONFIG
+    return launch.tiles("ATTNCC_SOFTPLUS_CONFIG", Config, _INTERPRETER_CONFIG, _GPU_CONFIG)
 
 
 def _reweight(p: float) -> int:
