@@ -5,7 +5,9 @@ B=1, H=16, D=128, bf16, causal, N in {2048, 8192, 32768}, the anchors of issue 1
 - linear elu1, normalized      vs fla chunk_linear_attn(normalize=True)
 - linear identity, unnormalized vs fla chunk_linear_attn(normalize=False)
 - linear with Lightning decay   vs fla chunk_lightning_attn (g_gamma decay)
-- MALA causal                   vs attncc's own normalized linear (target: at most 1.3x its time)
+- MALA causal                   vs attncc's own normalized linear (target: at most 1.3x its time);
+  "mala" runs MALA's per-row correction as eager PyTorch ops, "mala_compiled" through torch.compile, as a
+  MALA site does inside a model compiled with attncc (Inductor fuses the correction)
 
 Both read the same [B, T, H, D] memory (attncc takes the transposed view, no copy). "fwd" is the
 forward with inputs requiring grad, "fwd+bwd" the forward plus the backward with a fixed dO. Medians
@@ -48,10 +50,15 @@ def bhtd(x):
     return x.transpose(1, 2)
 
 
+_mala_compiled = torch.compile(mala_ops.from_linear_sums)
+
+
 def ours(kind: str, rates):
     def run(q, k, v):
         if kind == "mala":
             return mala_ops.from_linear_sums(bhtd(q), bhtd(k), bhtd(v), None, True, None)
+        if kind == "mala_compiled":
+            return _mala_compiled(bhtd(q), bhtd(k), bhtd(v), None, True, None)
         fmap, norm = {"elu1_norm": ("elu1", True), "identity_raw": ("identity", False),
                       "lightning": ("identity", False)}[kind]
         decay = rates if kind == "lightning" else None
@@ -63,7 +70,7 @@ def ours(kind: str, rates):
 def reference(kind: str, rates):
     def run(q, k, v):
         q, k, v = (bhtd(x).float() for x in (q, k, v))
-        if kind == "mala":
+        if kind.startswith("mala"):
             return mala_ops.reference(q, k, v, None, True, None)
         fmap, norm = {"elu1_norm": ("elu1", True), "identity_raw": ("identity", False),
                       "lightning": ("identity", False)}[kind]
@@ -72,7 +79,7 @@ def reference(kind: str, rates):
 
 
 def fla_anchor(kind: str):
-    if kind == "mala":
+    if kind.startswith("mala"):
         return None
     try:
         from fla.ops.lightning_attn import chunk_lightning_attn
@@ -119,20 +126,21 @@ def timings(fn, q, k, v):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--kinds", nargs="+", default=["elu1_norm", "identity_raw", "lightning", "mala", "mala_compiled"])
     args = parser.parse_args()
     rates = (lightning_decay_rates(H, LAYER, LAYERS)).cuda()
     rows, normalized = [], {}
     for n in args.sizes:
         q, k, v = inputs(n)
-        for kind in ("elu1_norm", "identity_raw", "lightning", "mala"):
+        for kind in args.kinds:
             err = check(ours(kind, rates), reference(kind, rates), q, k, v) if n <= 8192 else float("nan")
             t_ours = timings(ours(kind, rates), q, k, v)
             anchor = fla_anchor(kind)
             t_anchor = timings(anchor, q, k, v) if anchor else None
             if kind == "elu1_norm":
                 normalized[n] = t_ours
-            if kind == "mala":
-                t_anchor = normalized[n]
+            if kind.startswith("mala"):
+                t_anchor = normalized.get(n)
             rows.append((n, kind, t_ours, t_anchor, err))
             print(n, kind, t_ours, t_anchor, f"err {err:.3g}", flush=True)
         del q, k, v

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything attncc checks and times on the GPU machine, in one call. Logs under $OUT.
-#   bench/run_gpu.sh tests|soundness|compat|flash|linear|softplus_attnres|softplus|tune_softplus|model|model_train|model_attnres|model_linear|model_softplus|model_mask|decode|profile_decode|all
+#   bench/run_gpu.sh tests|soundness|compat|flash|linear|tune_linear|profile_linear|softplus_attnres|softplus|tune_softplus|model|model_train|model_attnres|model_linear|model_softplus|model_mask|decode|profile_decode|all
 # attncc is installed as a wheel (the package-dir mapping needs an install) and run from outside the
 # checkout, so that the checkout's attncc/ folder does not shadow the installed package.
 set -uo pipefail
@@ -32,6 +32,22 @@ if [ "$what" = linear ]; then  # the linear/MALA kernels: GPU tests, then agains
     fi
     python -m pytest -q -m gpu "$REPO/tests/test_linear_kernel.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_linear.log" | tail -8 || status=1
     python "$REPO/bench/bench_linear.py" --sizes ${SIZES:-2048 8192 32768} 2>&1 | tee "$OUT/bench_linear.log" | tail -16
+fi
+if [ "$what" = tune_linear ]; then  # the linear kernels' launch parameters swept, then the bench with the best (fla from .whl/)
+    if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl >>"$OUT/install.log" 2>&1
+        export PYTHONPATH=/tmp/site
+    fi
+    (cd "$REPO/bench" && timeout ${TUNE_TIMEOUT:-330} python tune_linear.py --n ${SIZES:-32768}) 2>&1 | tee "$OUT/tune_linear.log" | tail -8
+    if [ -f "$OUT/linear_config.json" ]; then export ATTNCC_LINEAR_CONFIG=$(cat "$OUT/linear_config.json"); fi
+    python "$REPO/bench/bench_linear.py" --sizes ${SIZES:-32768} 2>&1 | tee "$OUT/bench_linear.log" | tail -8
+fi
+if [ "$what" = profile_linear ]; then  # the linear kernels and fla's, kernel by kernel (fla from .whl/)
+    if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl >>"$OUT/install.log" 2>&1
+        export PYTHONPATH=/tmp/site
+    fi
+    (cd "$REPO/bench" && python profile_linear.py ${PROFILE_ARGS:-}) 2>&1 | tee "$OUT/profile_linear.log" | tail -60
 fi
 if [ "$what" = softplus_attnres ]; then  # the softplus and AttnRes kernels (fla's fused_attnres from .whl/)
     if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then

@@ -8,6 +8,7 @@ as `launch.alloc` at each call, so that replacement reaches them all.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -16,6 +17,15 @@ import torch
 def interpreting() -> bool:
     """Kernels run in the Triton interpreter (the CPU): TRITON_INTERPRET=1."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tiles(env: str, config_type, interpreter, gpu):
+    """A kernel family's tile config: `interpreter` under the interpreter, else `gpu`; the environment
+    variable `env` (a JSON list of config_type's fields) overrides both, for tuning and tests."""
+    override = os.environ.get(env)
+    if override:
+        return config_type(*json.loads(override))
+    return interpreter if interpreting() else gpu
 
 
 def alloc(shape, dtype, device) -> torch.Tensor:

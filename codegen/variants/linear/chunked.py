@@ -37,6 +37,7 @@ are applied inside the kernels (taylor2, whose features grow to 1 + D + D², run
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -336,9 +337,34 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
 
 
 
-def _scan_blocks(BK: int, BV: int) -> tuple[int, int]:
-    """Feature and value blocks of the sequential scans: small, so that many scans run at once."""
-    return min(BK, 64), min(BV, 32)
+@dataclass(frozen=True)
+class Config:
+    """Launch parameters. The scans (_states, _dstates) split the [D, Dv] state into blocks of at most
+    bk x bv, so that many sequential scans run at once; _output's programs own at most output_bv value
+    columns; _grads owns all of them."""
+
+    states_bk: int
+    states_bv: int
+    states_warps: int
+    states_stages: int
+    dstates_bk: int
+    dstates_bv: int
+    dstates_warps: int
+    dstates_stages: int
+    output_bv: int
+    output_warps: int
+    output_stages: int
+    grads_warps: int
+    grads_stages: int
+
+
+_INTERPRETER_CONFIG = Config(64, 32, 4, 1, 64, 32, 4, 1, 64, 4, 1, 4, 1)
+_GPU_CONFIG = Config(64, 32, 4, 3, 64, 32, 4, 3, 64, 4, 3, 4, 3)
+
+
+def config() -> Config:
+    """The launch parameters (``ATTNCC_LINEAR_CONFIG``, a JSON list of Config's 13 fields, overrides them)."""
+    return launch.tiles("ATTNCC_LINEAR_CONFIG", Config, _INTERPRETER_CONFIG, _GPU_CONFIG)
 
 
 def _blocks(D: int, DV: int) -> tuple[int, int]:
@@ -365,8 +391,9 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"linear kernel: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cfg = config()
     BK, BVS = _blocks(D, DV)
-    BV = min(BVS, 64)
+    BV = min(BVS, cfg.output_bv)
     NC = triton.cdiv(T, CHUNK)
     kp, stride_kpb, padded = launch.key_padding(key_padding, k)
     rates, has_decay = _rates(decay, q.device)
@@ -379,12 +406,13 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     final_z = launch.alloc((B, HS, D), torch.float32, q.device)
     initial = initial_state is not None
     s0, z0 = initial_state if initial else (final_s, final_z)
-    bk_scan, bv_scan = _scan_blocks(BK, BVS)
+    bk_scan, bv_scan = min(BK, cfg.states_bk), min(BVS, cfg.states_bv)
     _states[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * HS)](
         k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
         T, NC, HS, HKV, D, DV, *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision)
+        STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision, num_warps=cfg.states_warps,
+        num_stages=cfg.states_stages)
     o = launch.alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
     den = launch.alloc((B, H, T), torch.float32, q.device)
     states = (chunk_states, chunk_z) if causal else (final_s.to(state_dtype), final_z)
@@ -392,7 +420,8 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
         q, k, v, kp, rates, states[0], states[1], o, den, T, NC, H, HS, HKV, D, DV, float(eps),
         *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        CAUSAL=causal, NORMALIZE=normalize, PRECISION=precision)
+        CAUSAL=causal, NORMALIZE=normalize, PRECISION=precision, num_warps=cfg.output_warps,
+        num_stages=cfg.output_stages)
     return o, den, states, (final_s, final_z)
 
 
@@ -401,6 +430,7 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     B, H, T, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    cfg = config()
     BK, BV = _blocks(D, DV)
     NC = triton.cdiv(T, CHUNK)
     kp, stride_kpb, padded = launch.key_padding(key_padding, k)
@@ -413,22 +443,22 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     n_states = NC if causal else 1
     dstates = launch.alloc((B, H, n_states, D, DV), state_dtype, q.device)
     dz = launch.alloc((B, H, n_states, D), torch.float32, q.device)
-    bk_scan, bv_scan = _scan_blocks(BK, BV)
+    bk_scan, bv_scan = min(BK, cfg.dstates_bk), min(BV, cfg.dstates_bv)
     _dstates[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * H)](
         q, g, d, rates, dstates, dz, T, NC, H, D, DV, *launch.strides(q),
         BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
-        PRECISION=precision)
-    grad_dtype = torch.float32
-    dq = launch.alloc((B, H, T, D), grad_dtype, q.device)
-    dk = launch.alloc((B, H, T, D), grad_dtype, q.device)
-    dv = launch.alloc((B, H, T, DV), grad_dtype, q.device)
+        PRECISION=precision, num_warps=cfg.dstates_warps, num_stages=cfg.dstates_stages)
+    group = H // HKV
+    kv_dtype = torch.float32 if group > 1 else k.dtype  # per query head: a GQA group sums them in fp32 below
+    dq = launch.alloc((B, H, T, D), q.dtype, q.device)
+    dk = launch.alloc((B, H, T, D), kv_dtype, q.device)
+    dv = launch.alloc((B, H, T, DV), kv_dtype, q.device)
     _grads[(NC, B * H)](
         q, k, v, kp, rates, states[0], states[1], dstates, dz, g, d, dq, dk, dv,
         T, NC, H, HS, HKV, D, DV, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        CAUSAL=causal, PRECISION=precision)
-    group = H // HKV
+        CAUSAL=causal, PRECISION=precision, num_warps=cfg.grads_warps, num_stages=cfg.grads_stages)
     if group > 1:
         dk = dk.view(B, HKV, group, T, D).sum(2)
         dv = dv.view(B, HKV, group, T, DV).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -81,19 +81,20 @@ def _(q, k, v, key_padding, decay, causal, feature_map, normalize, eps, fp32_out
 
 
 @torch.library.custom_op("attncc::linear_chunked_backward", mutates_args=())
-def linear_chunked_backward(do: torch.Tensor, dden: torch.Tensor | None, o: torch.Tensor, den: torch.Tensor,
+def linear_chunked_backward(do: torch.Tensor | None, dden: torch.Tensor | None, o: torch.Tensor, den: torch.Tensor,
                             q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
                             decay: torch.Tensor | None, s: torch.Tensor, z: torch.Tensor, causal: bool,
                             feature_map: str, normalize: bool,
                             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv). With o = num / (den + eps): ∂L/∂num = do / (den + eps) and ∂L/∂den gains
     -(do·o) / (den + eps) (chunked.py's docstring derives the rest)."""
-    g = do.float()
+    do = do if do is not None else torch.zeros_like(o)
     d = dden.float() if dden is not None else torch.zeros_like(den)
+    g = do  # unnormalized: the kernels take dO as it is (no float copy and back)
     if normalize:
         r = 1 / (den + eps)
-        d = d - (g * o.float()).sum(-1) * r
-        g = g * r[..., None]
+        d = d - (do.float() * o.float()).sum(-1) * r
+        g = do.float() * r[..., None]
     return chunked.linear_bwd(g, d, q, k, v, (s, z), key_padding=key_padding, decay=decay, causal=causal,
                               feature_map=feature_map)
 
@@ -107,6 +108,7 @@ def _chunked_setup(ctx, inputs, output):
     q, k, v, key_padding, decay, causal, feature_map, normalize, eps, _ = inputs
     o, den, s, z = output
     ctx.save_for_backward(o, den, q, k, v, key_padding, decay, s, z)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the unused outputs (S_c alone is N·D·Dv/64)
     ctx.constants = (causal, feature_map, normalize, eps)
 
 
