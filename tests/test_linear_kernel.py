@@ -109,6 +109,23 @@ def test_normalizer_output_is_the_unnormalized_row_sum():
     torch.testing.assert_close(den, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("with_dden", [False, True], ids=["o_only", "with_dden"])
+def test_normalized_grads_read_strided_dO(with_dden):
+    """The fused backward of o = num / (den + eps) against its formula, with dO a transposed view (what the
+    gradient of a model's o.transpose(1, 2) is), a length that is not a multiple of the chunk and Dv < 16."""
+    B, H, T, DV, eps = 2, 3, 70, 12, 1e-6
+    g = torch.Generator().manual_seed(0)
+    do = torch.randn(B, T, H, DV, generator=g).transpose(1, 2)
+    o = torch.randn(B, H, T, DV, generator=g)
+    den = torch.rand(B, H, T, generator=g) + 0.1
+    dden = torch.randn(B, H, T, generator=g).transpose(1, 2).contiguous().transpose(1, 2) if with_dden else None
+    got_g, got_d = chunked.normalized_grads(do, o, den, dden, eps, torch.float32)
+    r = 1 / (den + eps)
+    want_d = -(do * o).sum(-1) * r + (dden if with_dden else 0)
+    torch.testing.assert_close(got_g, do * r[..., None])
+    torch.testing.assert_close(got_d, want_d)
+
+
 def test_supports_names_what_it_cannot_do():
     assert "taylor2" in chunked.supports(16, 16, torch.float32, "taylor2")
     assert "128" in chunked.supports(256, 16, torch.float32, "elu1")

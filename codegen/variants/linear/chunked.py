@@ -337,6 +337,33 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
 
 
 
+@triton.jit
+def _normalized(do_ptr, o_ptr, den_ptr, dden_ptr, g_ptr, d_ptr, T, H, DV, eps,
+                stride_dob, stride_doh, stride_dot, stride_ob, stride_oh, stride_ot,
+                BT: tl.constexpr, BV: tl.constexpr, HAS_DDEN: tl.constexpr):
+    """The backward of o = num / (den + eps) for BT rows of one head, in one pass over dO and o:
+    g̃ = dO / (den + eps) (in g's dtype) and δ = ∂L/∂den - (dO·o) / (den + eps)."""
+    pt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rt = pt * BT + tl.arange(0, BT)
+    rv = tl.arange(0, BV)
+    rows = rt < T
+    mask = rows[:, None] & (rv[None, :] < DV)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rt[:, None] * stride_dot + rv[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + rt[:, None] * stride_ot + rv[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    r = 1.0 / (tl.load(den_ptr + bh * T + rt, mask=rows, other=0.0) + eps)
+    d = -tl.sum(do * o, axis=1) * r
+    if HAS_DDEN:
+        d += tl.load(dden_ptr + bh * T + rt, mask=rows, other=0.0)
+    tl.store(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], (do * r[:, None]).to(g_ptr.dtype.element_ty),
+             mask=mask)
+    tl.store(d_ptr + bh * T + rt, d, mask=rows)
+
+
 @dataclass(frozen=True)
 class Config:
     """Launch parameters. The scans (_states, _dstates) split the [D, Dv] state into blocks of at most
@@ -423,6 +450,21 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
         CAUSAL=causal, NORMALIZE=normalize, PRECISION=precision, num_warps=cfg.output_warps,
         num_stages=cfg.output_stages)
     return o, den, states, (final_s, final_z)
+
+
+def normalized_grads(do, o, den, dden, eps: float, g_dtype: torch.dtype):
+    """(g̃, δ) of the normalized form o = num / (den + eps) (see the module docstring), by `_normalized`:
+    dO [B, H, T, Dv] and o, den [B, H, T] fp32, ∂L/∂den or None; g̃ in g_dtype, δ fp32."""
+    B, H, T, DV = do.shape
+    do, o = (x if x.stride(-1) == 1 else x.contiguous() for x in (do, o))
+    den = den.float().contiguous()
+    dden = dden.float().contiguous() if dden is not None else den
+    g = launch.alloc((B, H, T, DV), g_dtype, do.device)
+    d = launch.alloc((B, H, T), torch.float32, do.device)
+    _normalized[(triton.cdiv(T, CHUNK), B * H)](
+        do, o, den, dden, g, d, T, H, DV, float(eps), *launch.strides(do), *launch.strides(o),
+        BT=CHUNK, BV=max(16, triton.next_power_of_2(DV)), HAS_DDEN=dden is not den)
+    return g, d
 
 
 def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: bool, feature_map: str):

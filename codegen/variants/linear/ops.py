@@ -89,12 +89,10 @@ def linear_chunked_backward(do: torch.Tensor | None, dden: torch.Tensor | None, 
     """(dq, dk, dv). With o = num / (den + eps): ∂L/∂num = do / (den + eps) and ∂L/∂den gains
     -(do·o) / (den + eps) (chunked.py's docstring derives the rest)."""
     do = do if do is not None else torch.zeros_like(o)
-    d = dden.float() if dden is not None else torch.zeros_like(den)
-    g = do  # unnormalized: the kernels take dO as it is (no float copy and back)
     if normalize:
-        r = 1 / (den + eps)
-        d = d - (do.float() * o.float()).sum(-1) * r
-        g = do.float() * r[..., None]
+        g, d = chunked.normalized_grads(do, o, den, dden, eps, s.dtype)
+    else:  # the kernels take dO as it is (no float copy and back)
+        g, d = do, dden.float() if dden is not None else torch.zeros_like(den)
     return chunked.linear_bwd(g, d, q, k, v, (s, z), key_padding=key_padding, decay=decay, causal=causal,
                               feature_map=feature_map)
 
