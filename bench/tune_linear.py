@@ -26,7 +26,9 @@ from bench_linear import inputs, ours
 from attncc.codegen.variants.linear import chunked
 
 SCAN = [(bk, bv, w, s) for bk, bv in itertools.product((32, 64), (32, 64)) for w in (2, 4, 8) for s in (2, 3, 4)]
-OUTPUT = [(bv, w, s) for bv in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+# _output with 32 value columns and 8 warps hit an illegal memory access on the H200 (triton 3.6), which ends
+# the process's CUDA context: that pair is left out
+OUTPUT = [(bv, w, s) for bv in (32, 64, 128) for w in (4, 8) for s in (2, 3) if (bv, w) != (32, 8)]
 GRADS = [(w, s) for w in (4, 8) for s in (1, 2, 3)]
 
 
@@ -40,6 +42,7 @@ def run(cfg, q, k, v, do):
 def timed(cfg, q, k, v, do, reference, backward: bool) -> float:
     try:
         first, second = run(cfg, q, k, v, do), run(cfg, q, k, v, do)
+        torch.cuda.synchronize()  # a kernel's fault surfaces here, named with its config
     except Exception as e:  # a config that does not fit (shared memory, registers) is reported, not fatal
         print(f"{list(dataclasses.astuple(cfg))}: {type(e).__name__}: {str(e)[:120]}", flush=True)
         return float("inf")
