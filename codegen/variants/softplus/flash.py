@@ -22,7 +22,8 @@ Backward, with r_i = 1/(l_i + eps) and δ_i = -r_i (do_i·o_i) (precomputed, one
     dq̂_i = Σ_j ds_ij k̂_j,   dk̂_j = Σ_i ds_ij q̂_i,   dv_j = Σ_i r_i a_ij do_i
 
 `_dq` runs one program per query tile over the key tiles; `_dkv` one per key tile and kv head over
-the query tiles of every query head of its GQA group (dk, dv of a kv head sum over its group).
+the query tiles of every query head of its GQA group (dk, dv of a kv head sum over its group); `_dkv` builds
+its tiles as [keys, rows] (k·qᵀ, v·dOᵀ: TRANS), so the dk and dv products take them untransposed.
 LSSA and LSSAR share the kernels: REWEIGHT (a constexpr: 0 LSSA; p for an integer p, whose powers the kernels
 form by multiplication; -1 for another p, in the log form) adds LSSAR's second pass and terms; in the
 backward an LSSA row is an LSSAR row that kept no entry (da = r·dp + beta with beta = -r D).
