@@ -62,7 +62,8 @@ def ours(kind: str, rates):
         fmap, norm = {"elu1_norm": ("elu1", True), "identity_raw": ("identity", False),
                       "lightning": ("identity", False)}[kind]
         decay = rates if kind == "lightning" else None
-        o, *_ = linear_ops.linear_chunked(bhtd(q), bhtd(k), bhtd(v), None, decay, True, fmap, norm, 1e-6, False)
+        o, *_ = linear_ops.linear_chunked(bhtd(q), bhtd(k), bhtd(v), None, decay, True, fmap, norm, 1e-6, False,
+                                          norm)
         return o
     return run
 

@@ -70,9 +70,16 @@ def _constants(p):
 
 
 @pytest.mark.parametrize("p", CASES)
-def test_kernel_matches_the_reference(p):
+@pytest.mark.parametrize("with_den", [False, True], ids=["site", "den"])
+def test_kernel_matches_the_reference(p, with_den):
+    """As a linear site calls it (the normalizer only to normalize), and with den computed too (MALA's
+    call; its gradient unused here, so the backward skips the normalizer's terms either way)."""
+    if p["normalize"] and with_den:
+        pytest.skip("normalize computes den either way")
     q, k, v, key_padding, rates = _inputs(p)
-    o, den, _, _ = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False)
+    o, den, _, z = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False,
+                                                    p["normalize"] or with_den)
+    assert (den.numel() > 0) == (p["normalize"] or with_den) == (z.numel() > 0)
     want = ops.reference(q, k, v, key_padding, rates, *_constants(p))
     torch.testing.assert_close(o, want, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(want)
@@ -91,11 +98,11 @@ def test_rows_with_no_visible_key_are_zero():
     assert torch.equal(o[0, :, :5], torch.zeros_like(o[0, :, :5]))
 
 
-@pytest.mark.parametrize("p", CASES[:1] + CASES[4:5] + CASES[6:7])
+@pytest.mark.parametrize("p", CASES[:1] + CASES[3:5] + CASES[6:8])
 def test_opcheck(p):
     q, k, v, key_padding, rates = _inputs(p)
     torch.library.opcheck(torch.ops.attncc.linear_chunked.default,
-                          (q, k, v, key_padding, rates, *_constants(p), False))
+                          (q, k, v, key_padding, rates, *_constants(p), False, p["normalize"]))
 
 
 def test_normalizer_output_is_the_unnormalized_row_sum():
@@ -141,7 +148,7 @@ def test_supports_names_what_it_cannot_do():
 ])
 def test_kernel_bf16_on_gpu(p):
     q, k, v, key_padding, rates = _inputs(p, torch.bfloat16, "cuda")
-    o, *_ = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False)
+    o, *_ = torch.ops.attncc.linear_chunked(q, k, v, key_padding, rates, *_constants(p), False, p["normalize"])
     q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
     want = ops.reference(q32, k32, v32, key_padding, rates, *_constants(p))
     err = ((o.float() - want).abs().max() / want.abs().max()).item()

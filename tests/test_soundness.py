@@ -285,7 +285,7 @@ def test_variant_refuses_a_mask_whose_structure_changes():
 @pytest.mark.parametrize("variant,ran", [
     ("linear", "linear_chunked_elu1_causal_norm_d16_g1_padded_fp32"),
     ("softplus", "lssar_flash_p3_causal_d16_g1_padded_fp32"),
-    ("mala", "mala on linear_chunked_elu1_causal_d16_g1_padded_fp32_fp32out"),
+    ("mala", "mala on linear_chunked_elu1_causal_den_d16_g1_padded_fp32_fp32out"),
     ("sparse", "flash_sliding_window_causal_w4_s1_d16_g1_padded_fp32"),
     ("softmax", "flash_dense_causal_d16_g1_padded_fp32"),
 ])

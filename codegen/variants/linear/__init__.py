@@ -81,7 +81,7 @@ class LinearVariant(Variant):
         call.ran(ops.kernel_spec(q, k, causal=c["causal"], feature_map=c["feature_map"], normalize=c["normalize"],
                                  decay=self.decay_kind(rates), padded=keys is not None).name)
         o, *_ = ops.linear_chunked(q, k, v, keys, decay, c["causal"], c["feature_map"], c["normalize"], c["eps"],
-                                   False)
+                                   False, False)  # den only to normalize
         return o
 
     @staticmethod

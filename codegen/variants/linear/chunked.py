@@ -107,10 +107,11 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
             PADDED: tl.constexpr, DECAY: tl.constexpr, STORE_CHUNKS: tl.constexpr, INITIAL: tl.constexpr,
-            PRECISION: tl.constexpr):
+            Z: tl.constexpr, PRECISION: tl.constexpr):
     """Scan the chunks of one state head, for one block of features x one block of value columns: S_c,
-    z_c before each chunk (STORE_CHUNKS) and the final state. Value block 0 also keeps z. The scan is
-    sequential, so the state is split into blocks to run many of them at once."""
+    z_c before each chunk (STORE_CHUNKS) and the final state. Value block 0 also keeps z (Z: the
+    normalizer is wanted; without it no program sums φ(k)). The scan is sequential, so the state is split
+    into blocks to run many of them at once."""
     pv = tl.program_id(0)
     pk = tl.program_id(1)
     bh = tl.program_id(2)
@@ -120,12 +121,13 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
     rk = pk * BK + tl.arange(0, BK)
     rv = pv * BV + tl.arange(0, BV)
     state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
+    z = tl.zeros((BK,), dtype=tl.float32)
     if INITIAL:
         s = tl.load(s0_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], mask=state_mask, other=0.0)
-        z = tl.load(z0_ptr + bh * D + rk, mask=rk < D, other=0.0)
+        if Z:
+            z = tl.load(z0_ptr + bh * D + rk, mask=rk < D, other=0.0)
     else:
         s = tl.zeros((BK, BV), dtype=tl.float32)
-        z = tl.zeros((BK,), dtype=tl.float32)
     rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + hs).to(tl.float32)
@@ -134,8 +136,9 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
         if STORE_CHUNKS:
             tl.store(s_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
                      s.to(s_ptr.dtype.element_ty), mask=state_mask)
-            if pv == 0:
-                tl.store(z_ptr + (bh * NC + c) * D + rk, z, mask=rk < D)
+            if Z:
+                if pv == 0:
+                    tl.store(z_ptr + (bh * NC + c) * D + rk, z, mask=rk < D)
         _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                                 BT, BK, FMAP, PADDED, pk * BK)
         rt = t0 + tl.arange(0, BT)
@@ -148,12 +151,15 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             phik = phik * weight[:, None]
             chunk_decay = tl.exp(-rate * n.to(tl.float32))
             s = s * chunk_decay
-            z = z * chunk_decay
+            if Z:
+                z = z * chunk_decay
         s += tl.dot(tl.trans(phik.to(v.dtype)), v, input_precision=PRECISION)
-        z += tl.sum(phik, axis=0)
+        if Z:
+            z += tl.sum(phik, axis=0)
     tl.store(fs_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], s, mask=state_mask)
-    if pv == 0:
-        tl.store(fz_ptr + bh * D + rk, z, mask=rk < D)
+    if Z:
+        if pv == 0:
+            tl.store(fz_ptr + bh * D + rk, z, mask=rk < D)
 
 
 @triton.jit
@@ -162,8 +168,9 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
             stride_kpb,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
-            DECAY: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk of one query head, one block of value columns: o (and den, from block 0)."""
+            DECAY: tl.constexpr, CAUSAL: tl.constexpr, NORMALIZE: tl.constexpr, Z: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """One chunk of one query head, one block of value columns: o (and den, from block 0, with Z)."""
     pv = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2)
@@ -182,14 +189,17 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
     s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :],
                 mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
-    z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
     num = tl.dot(phiq.to(s.dtype), s, input_precision=PRECISION)
-    den = tl.sum(phiq * z[None, :], axis=1)
+    den = tl.zeros((BT,), dtype=tl.float32)
+    if Z:
+        z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
+        den = tl.sum(phiq * z[None, :], axis=1)
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
         q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
         num = num * q_decay[:, None]
-        den = den * q_decay
+        if Z:
+            den = den * q_decay
     if CAUSAL:
         _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                                 BT, BK, FMAP, PADDED)
@@ -203,22 +213,24 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
         else:
             a = tl.where(j <= i, a, 0.0)
         num += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
-        den += tl.sum(a, axis=1)
+        if Z:
+            den += tl.sum(a, axis=1)
     if NORMALIZE:
         num = num / (den + eps)[:, None]
     tl.store(o_ptr + ((bh * T) + rt[:, None]) * DV + rv[None, :], num.to(o_ptr.dtype.element_ty),
              mask=(rt[:, None] < T) & (rv[None, :] < DV))
-    if pv == 0:
-        tl.store(den_ptr + bh * T + rt, den, mask=rt < T)
+    if Z:
+        if pv == 0:
+            tl.store(den_ptr + bh * T + rt, den, mask=rt < T)
 
 
 @triton.jit
 def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
              T, NC, H, D, DV, stride_qb, stride_qh, stride_qt,
              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
-             DECAY: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Reverse scan of one query head: G_c = ∂L/∂S_{c+1} (and dz_c) for every chunk c (causal), or
-    the totals Σ_t φ(q_t) g̃_tᵀ and Σ_t φ(q_t) δ_t (bidirectional)."""
+             DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
+    """Reverse scan of one query head: G_c = ∂L/∂S_{c+1} (and dz_c, with Z: δ is given) for every chunk c
+    (causal), or the totals Σ_t φ(q_t) g̃_tᵀ and Σ_t φ(q_t) δ_t (bidirectional)."""
     pv = tl.program_id(0)
     pk = tl.program_id(1)
     bh = tl.program_id(2)
@@ -239,28 +251,32 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
         if CAUSAL:
             tl.store(ds_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
                      g_state.to(ds_ptr.dtype.element_ty), mask=state_mask)
-            if pv == 0:
-                tl.store(dz_ptr + (bh * NC + c) * D + rk, dz, mask=rk < D)
+            if Z:
+                if pv == 0:
+                    tl.store(dz_ptr + (bh * NC + c) * D + rk, dz, mask=rk < D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :],
                     mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0)
         phiq = tl.where((rt[:, None] < T) & (rk[None, :] < D), _phi(q.to(tl.float32), FMAP), 0.0)
         g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=(rt[:, None] < T) & (rv[None, :] < DV),
                     other=0.0)
-        d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
         if DECAY:
             n = tl.minimum(T - t0, BT)
             q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
             phiq = phiq * q_decay[:, None]
             chunk_decay = tl.exp(-rate * n.to(tl.float32))
             g_state = g_state * chunk_decay
-            dz = dz * chunk_decay
+            if Z:
+                dz = dz * chunk_decay
         g_state += tl.dot(tl.trans(phiq.to(g.dtype)), g, input_precision=PRECISION)
-        dz += tl.sum(phiq * d[:, None], axis=0)
+        if Z:
+            d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
+            dz += tl.sum(phiq * d[:, None], axis=0)
     if not CAUSAL:
         tl.store(ds_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], g_state.to(ds_ptr.dtype.element_ty),
                  mask=state_mask)
-        if pv == 0:
-            tl.store(dz_ptr + bh * D + rk, dz, mask=rk < D)
+        if Z:
+            if pv == 0:
+                tl.store(dz_ptr + bh * D + rk, dz, mask=rk < D)
 
 
 @triton.jit
@@ -270,8 +286,9 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
            stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
            stride_kpb,
            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
-           DECAY: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """dq of one chunk of one query head, and that head's share of dk, dv (all value columns: BV >= DV)."""
+           DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one chunk of one query head, and that head's share of dk, dv (all value columns: BV >= DV).
+    Without Z there is no δ (nothing reads den), so no term through z or dz."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -293,19 +310,22 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
                 other=0.0)
     dtype = v.dtype
     g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0)
-    d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
     s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
                 other=0.0)
-    z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
     dstate = bh * NC + c if CAUSAL else bh
     gs = tl.load(ds_ptr + (dstate * D + rk[:, None]) * DV + rv[None, :],
                  mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
-    dz = tl.load(dz_ptr + dstate * D + rk, mask=rk < D, other=0.0)
     # inter-chunk terms: through S_c (queries) and through S_{c+1}'s gradient G_c (keys, values)
-    dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION) + d[:, None] * z[None, :]
-    dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION) + dz[None, :]
+    dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION)
+    dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION)
     dv = tl.dot(phik.to(gs.dtype), gs, input_precision=PRECISION)
+    if Z:
+        d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
+        z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
+        dz = tl.load(dz_ptr + dstate * D + rk, mask=rk < D, other=0.0)
+        dphiq += d[:, None] * z[None, :]
+        dphik += dz[None, :]
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
         n = tl.minimum(T - t0, BT)
@@ -318,7 +338,9 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
         i = tl.arange(0, BT)[:, None]
         j = tl.arange(0, BT)[None, :]
         a = tl.dot(phiq.to(dtype), tl.trans(phik.to(dtype)), input_precision=PRECISION)
-        da = tl.dot(g.to(dtype), tl.trans(v), input_precision=PRECISION) + d[:, None]
+        da = tl.dot(g.to(dtype), tl.trans(v), input_precision=PRECISION)
+        if Z:
+            da += d[:, None]
         if DECAY:
             lag = tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
             a = tl.where(j <= i, a * lag, 0.0)
@@ -406,12 +428,19 @@ def _rates(decay, device):
 
 
 
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    """An empty fp32 tensor: a buffer no kernel reads or writes (a fresh one each time: op outputs must not alias)."""
+    return like.new_empty(0, dtype=torch.float32)
+
+
 def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_map: str, normalize: bool,
-               eps: float, out_dtype: torch.dtype | None = None, initial_state=None):
+               eps: float, out_dtype: torch.dtype | None = None, initial_state=None, with_den: bool = True):
     """(o [B, H, T, Dv], den [B, H, T] fp32, states, final state (S [B, HS, D, Dv] fp32, z [B, HS, D])).
 
     `states` is (S_c, z_c) per chunk for the backward (causal), or the final state (bidirectional).
     q [B, H, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv]; the last dim of each must be contiguous.
+    Without `with_den` (and without normalize), nothing computes the normalizer: den and z are empty
+    tensors (and the final z None).
     """
     B, H, T, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
@@ -427,10 +456,11 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     HS = H if has_decay else HKV
     precision = launch.dot_precision(q.dtype)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    z_wanted = with_den or normalize or initial_state is not None
     chunk_states = launch.alloc((B, HS, NC, D, DV), state_dtype, q.device) if causal else q.new_empty(0)
-    chunk_z = launch.alloc((B, HS, NC, D), torch.float32, q.device) if causal else q.new_empty(0, dtype=torch.float32)
+    chunk_z = launch.alloc((B, HS, NC, D), torch.float32, q.device) if causal and z_wanted else _nothing(q)
     final_s = launch.alloc((B, HS, D, DV), torch.float32, q.device)
-    final_z = launch.alloc((B, HS, D), torch.float32, q.device)
+    final_z = launch.alloc((B, HS, D), torch.float32, q.device) if z_wanted else _nothing(q)
     initial = initial_state is not None
     s0, z0 = initial_state if initial else (final_s, final_z)
     bk_scan, bv_scan = min(BK, cfg.states_bk), min(BVS, cfg.states_bv)
@@ -438,18 +468,18 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
         k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
         T, NC, HS, HKV, D, DV, *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision, num_warps=cfg.states_warps,
+        STORE_CHUNKS=causal, INITIAL=initial, Z=z_wanted, PRECISION=precision, num_warps=cfg.states_warps,
         num_stages=cfg.states_stages)
     o = launch.alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
-    den = launch.alloc((B, H, T), torch.float32, q.device)
+    den = launch.alloc((B, H, T), torch.float32, q.device) if z_wanted else _nothing(q)
     states = (chunk_states, chunk_z) if causal else (final_s.to(state_dtype), final_z)
     _output[(triton.cdiv(DV, BV), NC, B * H)](
         q, k, v, kp, rates, states[0], states[1], o, den, T, NC, H, HS, HKV, D, DV, float(eps),
         *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        CAUSAL=causal, NORMALIZE=normalize, PRECISION=precision, num_warps=cfg.output_warps,
+        CAUSAL=causal, NORMALIZE=normalize, Z=z_wanted, PRECISION=precision, num_warps=cfg.output_warps,
         num_stages=cfg.output_stages)
-    return o, den, states, (final_s, final_z)
+    return o, den, states, (final_s, final_z if z_wanted else None)
 
 
 def normalized_grads(do, o, den, dden, eps: float, g_dtype: torch.dtype):
@@ -468,7 +498,8 @@ def normalized_grads(do, o, den, dden, eps: float, g_dtype: torch.dtype):
 
 
 def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: bool, feature_map: str):
-    """(dq, dk, dv) from g̃ = ∂L/∂num [B, H, T, Dv] and δ = ∂L/∂den [B, H, T] (see the module docstring)."""
+    """(dq, dk, dv) from g̃ = ∂L/∂num [B, H, T, Dv] and δ = ∂L/∂den [B, H, T] (see the module docstring);
+    δ None: nothing reads den, and the normalizer's terms are skipped (states' z_c may then be empty)."""
     B, H, T, D = q.shape
     HKV, DV = k.shape[1], v.shape[-1]
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -480,16 +511,17 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     HS = H if has_decay else HKV
     precision = launch.dot_precision(q.dtype)
     state_dtype = states[0].dtype
-    g = g.to(state_dtype if state_dtype != torch.float32 else torch.float32).contiguous()
-    d = d.float().contiguous()
+    g = g.to(state_dtype).contiguous()
+    with_den = d is not None
+    d = d.float().contiguous() if with_den else g
     n_states = NC if causal else 1
     dstates = launch.alloc((B, H, n_states, D, DV), state_dtype, q.device)
-    dz = launch.alloc((B, H, n_states, D), torch.float32, q.device)
+    dz = launch.alloc((B, H, n_states, D), torch.float32, q.device) if with_den else g
     bk_scan, bv_scan = min(BK, cfg.dstates_bk), min(BV, cfg.dstates_bv)
     _dstates[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * H)](
         q, g, d, rates, dstates, dz, T, NC, H, D, DV, *launch.strides(q),
         BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
-        PRECISION=precision, num_warps=cfg.dstates_warps, num_stages=cfg.dstates_stages)
+        Z=with_den, PRECISION=precision, num_warps=cfg.dstates_warps, num_stages=cfg.dstates_stages)
     group = H // HKV
     kv_dtype = torch.float32 if group > 1 else k.dtype  # per query head: a GQA group sums them in fp32 below
     dq = launch.alloc((B, H, T, D), q.dtype, q.device)
@@ -499,7 +531,7 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
         q, k, v, kp, rates, states[0], states[1], dstates, dz, g, d, dq, dk, dv,
         T, NC, H, HS, HKV, D, DV, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
         BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        CAUSAL=causal, PRECISION=precision, num_warps=cfg.grads_warps, num_stages=cfg.grads_stages)
+        CAUSAL=causal, Z=with_den, PRECISION=precision, num_warps=cfg.grads_warps, num_stages=cfg.grads_stages)
     if group > 1:
         dk = dk.view(B, HKV, group, T, D).sum(2)
         dv = dv.view(B, HKV, group, T, DV).sum(2)

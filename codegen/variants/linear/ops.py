@@ -2,8 +2,10 @@
 
     attncc::linear_attention(q, k, v, key_padding?, decay?, causal, feature_map, normalize, eps) -> o
         the reference (reference.py); its backward op differentiates the reference (base.reference_op)
-    attncc::linear_chunked(q, k, v, key_padding?, decay?, causal, feature_map, normalize, eps, fp32_out)
-        -> (o, den, S_c, z_c): the chunked Triton kernels (chunked.py), with
+    attncc::linear_chunked(q, k, v, key_padding?, decay?, causal, feature_map, normalize, eps, fp32_out,
+                           with_den=True)
+        -> (o, den, S_c, z_c): the chunked Triton kernels (chunked.py); without with_den (and normalize),
+        den and z_c are empty and no kernel computes the normalizer; with
     attncc::linear_chunked_backward(do, dden?, o, den, q, k, v, key_padding?, decay?, S_c, z_c, ...)
         -> (dq, dk, dv). den (the normalizer) is an output so that MALA can build on it.
 """
@@ -39,9 +41,11 @@ reference_op(linear_attention, reference, tensors=5)
 # --- the chunked kernels (chunked.py) --------------------------------------------------------------
 
 def kernel_spec(q, k, *, causal: bool, feature_map: str, normalize: bool, decay: str, padded: bool,
-                fp32_out: bool = False) -> emit.KernelSpec:
-    """The chunked template's specialization (named in reports): linear_chunked_elu1_causal_norm_..."""
-    constants: list[tuple[str, object]] = [("", feature_map), ("causal", causal), ("norm", normalize)]
+                fp32_out: bool = False, with_den: bool = False) -> emit.KernelSpec:
+    """The chunked template's specialization (named in reports): linear_chunked_elu1_causal_norm_...
+    ("den": the normalizer is computed for the caller, unnormalized)."""
+    constants: list[tuple[str, object]] = [("", feature_map), ("causal", causal), ("norm", normalize),
+                                           ("den", with_den and not normalize)]
     if decay != "none":
         constants.append(("decay_", decay))
     constants += [("d", int(q.shape[-1])), ("g", int(q.shape[-3] // k.shape[-3])), ("padded", padded),
@@ -49,35 +53,37 @@ def kernel_spec(q, k, *, causal: bool, feature_map: str, normalize: bool, decay:
     return emit.KernelSpec("linear_chunked", chunked.__name__, tuple(constants))
 
 
-def _state_shapes(q, k, v, decay, causal):
+def _state_shapes(q, k, v, decay, causal, with_z):
     B, H, T, D = q.shape
     heads = H if decay is not None else k.shape[1]
     chunks = (T + chunked.CHUNK - 1) // chunked.CHUNK
     lead = (B, heads, chunks) if causal else (B, heads)
-    return (*lead, D, v.shape[-1]), (*lead, D)
+    return (*lead, D, v.shape[-1]), (*lead, D) if with_z else (0,)
 
 
 @torch.library.custom_op("attncc::linear_chunked", mutates_args=())
 def linear_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: torch.Tensor | None,
                    decay: torch.Tensor | None, causal: bool, feature_map: str, normalize: bool, eps: float,
-                   fp32_out: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   fp32_out: bool, with_den: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor]:
     """(o, den, S_c, z_c): the chunked kernels' forward; S_c, z_c are kept for the backward."""
     emit.record(kernel_spec(q, k, causal=causal, feature_map=feature_map, normalize=normalize,
                             decay="none" if decay is None else "rates", padded=key_padding is not None,
-                            fp32_out=fp32_out))
+                            fp32_out=fp32_out, with_den=with_den))
     o, den, (s, z), _ = chunked.linear_fwd(q, k, v, key_padding=key_padding, decay=decay, causal=causal,
                                            feature_map=feature_map, normalize=normalize, eps=eps,
-                                           out_dtype=torch.float32 if fp32_out else q.dtype)
+                                           out_dtype=torch.float32 if fp32_out else q.dtype, with_den=with_den)
     return o, den, s, z
 
 
 @linear_chunked.register_fake
-def _(q, k, v, key_padding, decay, causal, feature_map, normalize, eps, fp32_out):
-    s_shape, z_shape = _state_shapes(q, k, v, decay, causal)
+def _(q, k, v, key_padding, decay, causal, feature_map, normalize, eps, fp32_out, with_den=True):
+    with_z = with_den or normalize
+    s_shape, z_shape = _state_shapes(q, k, v, decay, causal, with_z)
     state_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
     return (q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=torch.float32 if fp32_out else q.dtype),
-            q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(s_shape, dtype=state_dtype),
-            q.new_empty(z_shape, dtype=torch.float32))
+            q.new_empty(q.shape[:-1] if with_z else (0,), dtype=torch.float32),
+            q.new_empty(s_shape, dtype=state_dtype), q.new_empty(z_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("attncc::linear_chunked_backward", mutates_args=())
@@ -91,8 +97,8 @@ def linear_chunked_backward(do: torch.Tensor | None, dden: torch.Tensor | None, 
     do = do if do is not None else torch.zeros_like(o)
     if normalize:
         g, d = chunked.normalized_grads(do, o, den, dden, eps, s.dtype)
-    else:  # the kernels take dO as it is (no float copy and back)
-        g, d = do, dden.float() if dden is not None else torch.zeros_like(den)
+    else:  # the kernels take dO as it is (no float copy and back); no δ when nothing read den
+        g, d = do, dden if dden is not None and den.numel() else None
     return chunked.linear_bwd(g, d, q, k, v, (s, z), key_padding=key_padding, decay=decay, causal=causal,
                               feature_map=feature_map)
 
@@ -103,7 +109,7 @@ def _(do, dden, o, den, q, k, v, key_padding, decay, s, z, causal, feature_map, 
 
 
 def _chunked_setup(ctx, inputs, output):
-    q, k, v, key_padding, decay, causal, feature_map, normalize, eps, _ = inputs
+    q, k, v, key_padding, decay, causal, feature_map, normalize, eps, *_ = inputs
     o, den, s, z = output
     ctx.save_for_backward(o, den, q, k, v, key_padding, decay, s, z)
     ctx.set_materialize_grads(False)  # no zero-filled gradients of the unused outputs (S_c alone is N·D·Dv/64)
@@ -113,7 +119,7 @@ def _chunked_setup(ctx, inputs, output):
 def _chunked_backward(ctx, do, dden, ds, dz):
     o, den, q, k, v, key_padding, decay, s, z = ctx.saved_tensors
     dq, dk, dv = linear_chunked_backward(do, dden, o, den, q, k, v, key_padding, decay, s, z, *ctx.constants)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 linear_chunked.register_autograd(_chunked_backward, setup_context=_chunked_setup)

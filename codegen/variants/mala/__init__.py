@@ -47,7 +47,7 @@ class MalaVariant(Variant):
             call.ran_reference(q, k, v, why=why)
             return ops.mala_attention(q, k, v, keys, c["causal"], c["sim_scale"])
         spec = linear_ops.kernel_spec(q, k, causal=c["causal"], feature_map="elu1", normalize=False, decay="none",
-                                      padded=keys is not None, fp32_out=True)
+                                      padded=keys is not None, fp32_out=True, with_den=True)
         call.ran(f"mala on {spec.name}")
         return ops.from_linear_sums(q, k, v, keys, c["causal"], c["sim_scale"])
 

@@ -34,7 +34,7 @@ def from_linear_sums(q, k, v, key_padding, causal, sim_scale, eps: float = 1e-6)
     """MALA on the linear kernels: Σ φ(q)·φ(k) v and Σ φ(q)·φ(k) (elu1, unnormalized, fp32) from
     attncc::linear_chunked, then the per-row β, γ correction and Σ v (prefix sums when causal) in
     PyTorch, differentiable through the kernel's backward. Same formula as reference.py."""
-    num, den, _, _ = linear_ops.linear_chunked(q, k, v, key_padding, None, causal, "elu1", False, 0.0, True)
+    num, den, _, _ = linear_ops.linear_chunked(q, k, v, key_padding, None, causal, "elu1", False, 0.0, True, True)
     B, H, T, D = q.shape
     group = H // k.shape[1]
     valid = q.new_ones(1, 1, T, 1, dtype=torch.float32)
@@ -70,7 +70,7 @@ def mala_state(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding: t
     why = linear_ops.state_kernel(q, k, v, kernels)
     if kv is None and why is None:
         spec = linear_ops.kernel_spec(q, k, causal=True, feature_map="elu1", normalize=False, decay="none",
-                                      padded=key_padding is not None, fp32_out=True)
+                                      padded=key_padding is not None, fp32_out=True, with_den=True)
         emit.ran(site, f"mala on {spec.name}, state summed in closed form")
         o = from_linear_sums(q, k, v, key_padding, True, sim_scale)
         heads = q.shape[1]
