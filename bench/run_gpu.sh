@@ -33,14 +33,14 @@ if [ "$what" = linear ]; then  # the linear/MALA kernels: GPU tests, then agains
     python -m pytest -q -m gpu "$REPO/tests/test_linear_kernel.py" -p no:cacheprovider 2>&1 | tee "$OUT/pytest_linear.log" | tail -8 || status=1
     python "$REPO/bench/bench_linear.py" --sizes ${SIZES:-2048 8192 32768} 2>&1 | tee "$OUT/bench_linear.log" | tail -16
 fi
-if [ "$what" = tune_linear ]; then  # the linear kernels' launch parameters swept, then the bench with the best (fla from .whl/)
+if [ "$what" = tune_linear ]; then  # the linear kernels' launch parameters swept per kind (KINDS; fla from .whl/)
     if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
         python -m pip install -q --no-index --no-deps --target /tmp/site "$REPO"/.whl/*.whl >>"$OUT/install.log" 2>&1
         export PYTHONPATH=/tmp/site
     fi
-    (cd "$REPO/bench" && timeout ${TUNE_TIMEOUT:-330} python tune_linear.py --n ${SIZES:-32768}) 2>&1 | tee "$OUT/tune_linear.log" | tail -8
-    if [ -f "$OUT/linear_config.json" ]; then export ATTNCC_LINEAR_CONFIG=$(cat "$OUT/linear_config.json"); fi
-    python "$REPO/bench/bench_linear.py" --sizes ${SIZES:-32768} 2>&1 | tee "$OUT/bench_linear.log" | tail -8
+    for kind in ${KINDS:-identity_raw elu1_norm}; do
+        (cd "$REPO/bench" && timeout ${TUNE_TIMEOUT:-200} python tune_linear.py --n ${SIZES:-32768} --kind $kind) 2>&1 | tee "$OUT/tune_linear_$kind.log" | tail -8
+    done
 fi
 if [ "$what" = profile_linear ]; then  # the linear kernels and fla's, kernel by kernel (fla from .whl/)
     if ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
