@@ -14,12 +14,17 @@ Bidirectional sites use the total state S (and z) for every query and no intra-c
 keys (key_padding False) and positions past the sequence have φ(k) = 0. A query with no visible key
 has num = den = 0, so o = 0.
 
-Three forward/backward passes, each massively parallel except the state scans:
+The passes, each massively parallel except the state scans:
 
     _states      grid (Dv blocks, B·HS): scan the chunks, store S_c, z_c (and the final state)
     _output      grid (Dv blocks, chunks, B·H): o, den of one chunk from S_c, z_c and the chunk itself
     _dstates     grid (Dv blocks, B·H): reverse scan: G_c = ∂L/∂S_{c+1} from the queries after chunk c
-    _grads       grid (chunks, B·H): dq, and this query head's share of dk, dv
+    _grads_q     grid (chunks, B·H): dq of one chunk
+    _grads_k/_v  grid (chunks, B·H): this query head's share of dk (dv) of one chunk
+
+The gradients are three kernels, not one: a program holding dq, dk and dv at once spilled 2.5-4 KB of
+registers per thread (ptxas, sm_90, D = 128); split, each needs none at 8 warps, and no tile product is
+computed twice (dk takes v·g̃ᵀ, dv takes φ(k)·φ(q)ᵀ, both built as [keys, rows] to be used untransposed).
 
 The backward of o = num/(den+eps) is the backward of the unnormalized form with the value augmented
 by a column of ones: with g̃_t = ∂L/∂num_t and δ_t = ∂L/∂den_t (for normalize, g̃ = do/(den+eps),
@@ -280,15 +285,14 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
 
 
 @triton.jit
-def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, g_ptr, d_ptr,
-           dq_ptr, dk_ptr, dv_ptr,
-           T, NC, H, HS, HKV, D, DV,
-           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-           stride_kpb,
-           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
-           DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
-    """dq of one chunk of one query head, and that head's share of dk, dv (all value columns: BV >= DV).
-    Without Z there is no δ (nothing reads den), so no term through z or dz."""
+def _grads_q(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, g_ptr, d_ptr, dq_ptr,
+             T, NC, H, HS, HKV, D, DV,
+             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+             stride_kpb,
+             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
+             DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
+    """dq of one chunk of one query head (all value columns: BV >= DV): through S_c, and inside the chunk.
+    Without Z there is no δ (nothing reads den), so no term through z."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -301,62 +305,134 @@ def _grads(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, ds_ptr, dz_ptr, 
     rv = tl.arange(0, BV)
     row_k = (rt[:, None] < T) & (rk[None, :] < D)
     row_v = (rt[:, None] < T) & (rv[None, :] < DV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k,
-                other=0.0).to(tl.float32)
-    phiq = tl.where(row_k, _phi(q, FMAP), 0.0)
-    k, phik, inside = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
-                                 BT, BK, FMAP, PADDED)
-    v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :], mask=row_v,
-                other=0.0)
-    dtype = v.dtype
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k, other=0.0)
+    dtype = q.dtype
     g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0)
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
     s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
                 other=0.0)
+    dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION)  # through S_c
+    if Z:
+        d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
+        dphiq += d[:, None] * tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)[None, :]
+    if DECAY:
+        rate = tl.load(rate_ptr + h).to(tl.float32)
+        dphiq = dphiq * tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))[:, None]
+    if CAUSAL:
+        _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+                                BT, BK, FMAP, PADDED)
+        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :], mask=row_v,
+                    other=0.0)
+        da = tl.dot(g.to(dtype), tl.trans(v), input_precision=PRECISION)  # [rows, keys]
+        if Z:
+            da += d[:, None]
+        i = tl.arange(0, BT)[:, None]
+        j = tl.arange(0, BT)[None, :]
+        if DECAY:
+            da = da * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
+        da = tl.where(j <= i, da, 0.0)
+        dphiq += tl.dot(da.to(dtype), phik.to(dtype), input_precision=PRECISION)
+    dq = dphiq * _dphi(q.to(tl.float32), FMAP)
+    tl.store(dq_ptr + (bh * T + rt[:, None]) * D + rk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_k)
+
+
+@triton.jit
+def _grads_k(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, ds_ptr, dz_ptr, g_ptr, d_ptr, dk_ptr,
+             T, NC, H, HS, HKV, D, DV,
+             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+             stride_kpb,
+             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
+             DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's share of dk of one chunk (all value columns): through G_c, and inside the chunk, whose
+    score gradients are built as [keys, rows] (v·g̃ᵀ) so the dk product takes them untransposed. Without Z
+    there is no δ, so no term through dz."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    t0 = c * BT
+    rt = t0 + tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    row_k = (rt[:, None] < T) & (rk[None, :] < D)
+    row_v = (rt[:, None] < T) & (rv[None, :] < DV)
+    v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :], mask=row_v,
+                other=0.0)
+    dtype = v.dtype
     dstate = bh * NC + c if CAUSAL else bh
     gs = tl.load(ds_ptr + (dstate * D + rk[:, None]) * DV + rv[None, :],
                  mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
-    # inter-chunk terms: through S_c (queries) and through S_{c+1}'s gradient G_c (keys, values)
-    dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION)
-    dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION)
-    dv = tl.dot(phik.to(gs.dtype), gs, input_precision=PRECISION)
+    dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION)  # through G_c
     if Z:
-        d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
-        z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
-        dz = tl.load(dz_ptr + dstate * D + rk, mask=rk < D, other=0.0)
-        dphiq += d[:, None] * z[None, :]
-        dphik += dz[None, :]
+        dphik += tl.load(dz_ptr + dstate * D + rk, mask=rk < D, other=0.0)[None, :]
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
         n = tl.minimum(T - t0, BT)
-        q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
-        k_decay = tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))
-        dphiq = dphiq * q_decay[:, None]
-        dphik = dphik * k_decay[:, None]
-        dv = dv * k_decay[:, None]
+        dphik = dphik * tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))[:, None]
     if CAUSAL:
-        i = tl.arange(0, BT)[:, None]
-        j = tl.arange(0, BT)[None, :]
-        a = tl.dot(phiq.to(dtype), tl.trans(phik.to(dtype)), input_precision=PRECISION)
-        da = tl.dot(g.to(dtype), tl.trans(v), input_precision=PRECISION)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k,
+                    other=0.0)
+        phiq = tl.where(row_k, _phi(q.to(tl.float32), FMAP), 0.0).to(dtype)
+        g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0).to(dtype)
+        dat = tl.dot(v, tl.trans(g), input_precision=PRECISION)  # [keys, rows]
         if Z:
-            da += d[:, None]
+            dat += tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)[None, :]
+        j = tl.arange(0, BT)[:, None]
+        i = tl.arange(0, BT)[None, :]
         if DECAY:
-            lag = tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
-            a = tl.where(j <= i, a * lag, 0.0)
-            da = tl.where(j <= i, da * lag, 0.0)
-        else:
-            a = tl.where(j <= i, a, 0.0)
-            da = tl.where(j <= i, da, 0.0)
-        dphiq += tl.dot(da.to(dtype), phik.to(dtype), input_precision=PRECISION)
-        dphik += tl.dot(tl.trans(da).to(dtype), phiq.to(dtype), input_precision=PRECISION)
-        dv += tl.dot(tl.trans(a).to(dtype), g.to(dtype), input_precision=PRECISION)
-    dq = dphiq * _dphi(q, FMAP)
+            dat = dat * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
+        dat = tl.where(j <= i, dat, 0.0)
+        dphik += tl.dot(dat.to(dtype), phiq, input_precision=PRECISION)
+    k, _, inside = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+                              BT, BK, FMAP, PADDED)
     dk = tl.where(inside[:, None], dphik * _dphi(k, FMAP), 0.0)
-    tl.store(dq_ptr + (bh * T + rt[:, None]) * D + rk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_k)
     tl.store(dk_ptr + (bh * T + rt[:, None]) * D + rk[None, :], dk.to(dk_ptr.dtype.element_ty), mask=row_k)
-    tl.store(dv_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=row_v)
 
+
+@triton.jit
+def _grads_v(q_ptr, k_ptr, kp_ptr, rate_ptr, ds_ptr, g_ptr, dv_ptr,
+             T, NC, H, HS, HKV, D, DV,
+             stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_kpb,
+             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr, PADDED: tl.constexpr,
+             DECAY: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One query head's share of dv of one chunk (all value columns): through G_c, and inside the chunk, whose
+    weights are built as [keys, rows] (φ(k)·φ(q)ᵀ) so the dv product takes them untransposed."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // (H // HKV)
+    t0 = c * BT
+    rt = t0 + tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    row_k = (rt[:, None] < T) & (rk[None, :] < D)
+    row_v = (rt[:, None] < T) & (rv[None, :] < DV)
+    _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
+                            BT, BK, FMAP, PADDED)
+    dstate = bh * NC + c if CAUSAL else bh
+    gs = tl.load(ds_ptr + (dstate * D + rk[:, None]) * DV + rv[None, :],
+                 mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
+    dtype = gs.dtype
+    dv = tl.dot(phik.to(dtype), gs, input_precision=PRECISION)  # through G_c
+    if DECAY:
+        rate = tl.load(rate_ptr + h).to(tl.float32)
+        n = tl.minimum(T - t0, BT)
+        dv = dv * tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))[:, None]
+    if CAUSAL:
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k,
+                    other=0.0)
+        phiq = tl.where(row_k, _phi(q.to(tl.float32), FMAP), 0.0).to(q.dtype)
+        g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0).to(q.dtype)
+        at = tl.dot(phik.to(q.dtype), tl.trans(phiq), input_precision=PRECISION)  # [keys, rows]
+        j = tl.arange(0, BT)[:, None]
+        i = tl.arange(0, BT)[None, :]
+        if DECAY:
+            at = at * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
+        at = tl.where(j <= i, at, 0.0)
+        dv += tl.dot(at.to(q.dtype), g, input_precision=PRECISION)
+    tl.store(dv_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=row_v)
 
 
 @triton.jit
@@ -390,7 +466,7 @@ def _normalized(do_ptr, o_ptr, den_ptr, dden_ptr, g_ptr, d_ptr, T, H, DV, eps,
 class Config:
     """Launch parameters. The scans (_states, _dstates) split the [D, Dv] state into blocks of at most
     bk x bv, so that many sequential scans run at once; _output's programs own at most output_bv value
-    columns; _grads owns all of them."""
+    columns; the three gradient kernels own all of them."""
 
     states_bk: int
     states_bv: int
@@ -408,7 +484,7 @@ class Config:
 
 
 _INTERPRETER_CONFIG = Config(64, 32, 4, 1, 64, 32, 4, 1, 64, 4, 1, 4, 1)
-_GPU_CONFIG = Config(64, 32, 4, 3, 64, 32, 4, 3, 64, 4, 3, 4, 3)
+_GPU_CONFIG = Config(64, 32, 4, 3, 64, 32, 4, 3, 64, 4, 3, 8, 3)  # the gradient kernels spill at 4 warps
 
 
 def config() -> Config:
@@ -527,11 +603,17 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     dq = launch.alloc((B, H, T, D), q.dtype, q.device)
     dk = launch.alloc((B, H, T, D), kv_dtype, q.device)
     dv = launch.alloc((B, H, T, DV), kv_dtype, q.device)
-    _grads[(NC, B * H)](
-        q, k, v, kp, rates, states[0], states[1], dstates, dz, g, d, dq, dk, dv,
-        T, NC, H, HS, HKV, D, DV, *launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb,
-        BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        CAUSAL=causal, Z=with_den, PRECISION=precision, num_warps=cfg.grads_warps, num_stages=cfg.grads_stages)
+    strides = (*launch.strides(q), *launch.strides(k), *launch.strides(v), stride_kpb)
+    constants = dict(BT=CHUNK, BK=BK, BV=BV, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
+                     CAUSAL=causal, Z=with_den, PRECISION=precision, num_warps=cfg.grads_warps,
+                     num_stages=cfg.grads_stages)
+    _grads_q[(NC, B * H)](q, k, v, kp, rates, states[0], states[1], g, d, dq, T, NC, H, HS, HKV, D, DV, *strides,
+                          **constants)
+    _grads_k[(NC, B * H)](q, k, v, kp, rates, dstates, dz, g, d, dk, T, NC, H, HS, HKV, D, DV, *strides,
+                          **constants)
+    constants.pop("Z")
+    _grads_v[(NC, B * H)](q, k, kp, rates, dstates, g, dv, T, NC, H, HS, HKV, D, DV, *launch.strides(q),
+                          *launch.strides(k), stride_kpb, **constants)
     if group > 1:
         dk = dk.view(B, HKV, group, T, D).sum(2)
         dv = dv.view(B, HKV, group, T, DV).sum(2)
