@@ -5,10 +5,10 @@ Triton (`ptxas -v`), which reports registers per thread and bytes of spill store
 spills keeps part of its tiles in local memory (L1/L2) instead of registers: the first thing to look at when
 a kernel is slower than its anchor. Runs on the CPU machine (no GPU, no TRITON_INTERPRET).
 
-    python bench/ptxas_report.py [--warps 4 8] [--kernels _grads_q _output ...]
+    python bench/ptxas_report.py [--family linear softplus] [--warps 4 8] [--kernels _grads_q _output ...]
 
-Shapes: linear's kernels at D = Dv = 128, bf16, causal, chunks of 64, for identity features unnormalized and
-elu1 normalized (the lightest and the heaviest specializations).
+Shapes: D = Dv = 128, bf16, causal. linear: chunks of 64, identity features unnormalized and elu1 normalized
+(the lightest and the heaviest specializations). softplus: LSSA and LSSAR (p = 15), the shipped GPU tiles.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from attncc.codegen.variants.linear import chunked  # noqa: E402
+from attncc.codegen.variants.softplus import flash as softplus  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 BF16 = "*bf16"
@@ -40,7 +41,7 @@ def signature(fn, pointer_types: dict[str, str], constants: dict) -> dict[str, s
         elif param.name.endswith("_ptr"):
             sig[param.name] = pointer_types.get(param.name, "*fp32")
         else:
-            sig[param.name] = "fp32" if param.name == "eps" else "i32"
+            sig[param.name] = "fp32" if param.name in ("eps", "P") else "i32"
     return sig
 
 
@@ -79,19 +80,40 @@ def linear_cases():
         yield "_grads_v", tag, chunked._grads_v, grads, dict(common, BK=128, BV=128, CAUSAL=True, **f)
 
 
+def softplus_cases():
+    """The softplus kernels with the shipped GPU tiles, or ATTNCC_SOFTPLUS_CONFIG's (their warps, whatever
+    --warps says)."""
+    cfg = softplus.config()
+    pointers = dict(q_ptr=BF16, k_ptr=BF16, v_ptr=BF16, o_ptr=BF16, do_ptr=BF16, out_ptr=BF16, dk_ptr=BF16,
+                    dv_ptr=BF16, kp_ptr="*i8")
+    for p, tag in ((0.0, "LSSA"), (15.0, "LSSAR p=15")):
+        common = dict(BD=128, BDV=128, EVEN=True, CAUSAL=True, PADDED=False, PRECISION="tf32",
+                      UNSHIFTED=softplus.UNSHIFTED_ROWS, REWEIGHT=softplus._reweight(p))
+        yield "_fwd", tag, softplus._fwd, pointers, dict(common, BM=cfg.bm, BN=cfg.bn), cfg.num_warps, cfg.num_stages
+        yield "_dq", tag, softplus._dq, pointers, dict(common, BM=cfg.bm2, BN=cfg.bn2, ROW_SUM=False), \
+            cfg.bwd_num_warps, cfg.bwd_num_stages
+        yield "_dkv", tag, softplus._dkv, pointers, dict(common, BM=cfg.bm1, BN=cfg.bn1), cfg.bwd_num_warps, \
+            cfg.bwd_num_stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", nargs="+", default=["linear"], choices=["linear", "softplus"])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--kernels", nargs="*", default=None)
     args = parser.parse_args()
     print("| kernel | specialization | warps | registers | spill stores / loads (bytes per thread) |")
     print("|---|---|---|---|---|")
-    for name, tag, fn, pointers, constants in linear_cases():
+    cases = []
+    if "linear" in args.family:
+        cases += [(*case, warps, 3) for case in linear_cases() for warps in args.warps]
+    if "softplus" in args.family:
+        cases += list(softplus_cases())
+    for name, tag, fn, pointers, constants, warps, stages in cases:
         if args.kernels and name not in args.kernels:
             continue
-        for warps in args.warps:
-            regs, stores, loads = registers(fn, pointers, constants, warps)
-            print(f"| {name} | {tag} | {warps} | {regs} | {stores} / {loads} |", flush=True)
+        regs, stores, loads = registers(fn, pointers, constants, warps, stages)
+        print(f"| {name} | {tag} | {warps} | {regs} | {stores} / {loads} |", flush=True)
 
 
 if __name__ == "__main__":
