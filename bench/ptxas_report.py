@@ -5,10 +5,12 @@ Triton (`ptxas -v`), which reports registers per thread and bytes of spill store
 spills keeps part of its tiles in local memory (L1/L2) instead of registers: the first thing to look at when
 a kernel is slower than its anchor. Runs on the CPU machine (no GPU, no TRITON_INTERPRET).
 
-    python bench/ptxas_report.py [--family linear softplus] [--warps 4 8] [--kernels _grads_q _output ...]
+    python bench/ptxas_report.py [--family linear softplus flash] [--warps 4 8] [--kernels _grads_q _output ...]
 
 Shapes: D = Dv = 128, bf16, causal. linear: chunks of 64, identity features unnormalized and elu1 normalized
-(the lightest and the heaviest specializations). softplus: LSSA and LSSAR (p = 15), the shipped GPU tiles.
+(the lightest and the heaviest specializations). softplus: LSSA and LSSAR (p = 15), the shipped GPU tiles
+(or ATTNCC_SOFTPLUS_CONFIG's). flash: dense causal, sliding window 1024 with and without 4 sinks, and
+PowerAttention (256, 5), the shipped GPU tiles (or ATTNCC_FLASH_CONFIG's).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from attncc.codegen.variants.linear import chunked  # noqa: E402
+from attncc.codegen.variants.softmax import flash  # noqa: E402
 from attncc.codegen.variants.softplus import flash as softplus  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -33,15 +36,17 @@ BF16 = "*bf16"
 
 
 def signature(fn, pointer_types: dict[str, str], constants: dict) -> dict[str, str]:
-    """Triton's signature of `fn`: pointers as given (else fp32), `eps` fp32, other arguments i32."""
+    """Triton's signature of `fn`: pointers as given (else, named *_ptr, fp32), scales fp32, the rest i32."""
     sig = {}
     for param in fn.params:
         if param.is_constexpr or param.name in constants:
             sig[param.name] = "constexpr"
+        elif param.name in pointer_types:
+            sig[param.name] = pointer_types[param.name]
         elif param.name.endswith("_ptr"):
             sig[param.name] = pointer_types.get(param.name, "*fp32")
         else:
-            sig[param.name] = "fp32" if param.name in ("eps", "P") else "i32"
+            sig[param.name] = "fp32" if param.name in ("eps", "P", "qk_scale", "sm_scale") else "i32"
     return sig
 
 
@@ -96,9 +101,31 @@ def softplus_cases():
             cfg.bwd_num_stages
 
 
+def flash_cases():
+    """The flash kernels (forward, backward) with the shipped GPU tiles of each pattern at D = 128."""
+    pointers = {name: BF16 for name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+    pointers.update({name: "*i32" for name in ("FULL_CNT", "FULL_IDX", "PART_CNT", "PART_IDX", "Q_FULL_CNT",
+                                                "Q_FULL_IDX", "Q_PART_CNT", "Q_PART_IDX", "KV_FULL_CNT",
+                                                "KV_FULL_IDX", "KV_PART_CNT", "KV_PART_IDX")})
+    pointers.update(LSE="*fp32", DELTA="*fp32", TILE_COUNT="*fp32", KPAD="*i8")
+    for spec, tag in ((flash._pattern("dense", True, 0, 0, 1, 0), "dense causal"),
+                      (flash._pattern("sliding_window", True, 1024, 0, 1, 0), "window 1024"),
+                      (flash._pattern("sliding_window", True, 1024, 4, 1, 0), "window 1024 + 4 sinks"),
+                      (flash._pattern("power", True, 0, 0, 256, 5), "power (256, 5)")):
+        cfg = flash.flash_config(128, spec.name)
+        common = dict(HEAD_DIM=128, PATTERN=spec.name, IS_CAUSAL=spec.causal, WINDOW=spec.window, SINKS=spec.sinks,
+                      PBLOCK=spec.block, PWINDOW=spec.window_blocks, GROUP=1, HAS_PADDING=False, UPCAST=False,
+                      DOT_PRECISION="tf32", COUNT_TILES=False)
+        yield "flash_fwd_kernel", tag, flash.flash_fwd_kernel, pointers, \
+            dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), cfg.num_warps, cfg.num_stages
+        yield "flash_bwd_kernel", tag, flash.flash_bwd_kernel, pointers, \
+            dict(common, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2), \
+            cfg.bwd_num_warps, cfg.bwd_num_stages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", nargs="+", default=["linear"], choices=["linear", "softplus"])
+    parser.add_argument("--family", nargs="+", default=["linear"], choices=["linear", "softplus", "flash"])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--kernels", nargs="*", default=None)
     args = parser.parse_args()
@@ -109,6 +136,8 @@ def main() -> None:
         cases += [(*case, warps, 3) for case in linear_cases() for warps in args.warps]
     if "softplus" in args.family:
         cases += list(softplus_cases())
+    if "flash" in args.family:
+        cases += list(flash_cases())
     for name, tag, fn, pointers, constants, warps, stages in cases:
         if args.kernels and name not in args.kernels:
             continue
