@@ -16,9 +16,11 @@ has num = den = 0, so o = 0.
 
 The passes, each massively parallel except the state scans:
 
-    _states      grid (Dv blocks, B·HS): scan the chunks, store S_c, z_c (and the final state)
+    _states      grid (Dv blocks, D blocks, B·HS): scan the chunks, store S_c (and the final state); and,
+                 as programs of their own, z_c
     _output      grid (Dv blocks, chunks, B·H): o, den of one chunk from S_c, z_c and the chunk itself
-    _dstates     grid (Dv blocks, B·H): reverse scan: G_c = ∂L/∂S_{c+1} from the queries after chunk c
+    _dstates     grid (Dv blocks, D blocks, B·H): reverse scan: G_c = ∂L/∂S_{c+1} from the queries after
+                 chunk c; and, as programs of their own, dz_c
     _grads_q     grid (chunks, B·H): dq of one chunk
     _grads_k/_v  grid (chunks, B·H): this query head's share of dk (dv) of one chunk
 
@@ -112,11 +114,11 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, stride_kpb,
             BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
             PADDED: tl.constexpr, DECAY: tl.constexpr, STORE_CHUNKS: tl.constexpr, INITIAL: tl.constexpr,
-            Z: tl.constexpr, PRECISION: tl.constexpr):
-    """Scan the chunks of one state head, for one block of features x one block of value columns: S_c,
-    z_c before each chunk (STORE_CHUNKS) and the final state. Value block 0 also keeps z (Z: the
-    normalizer is wanted; without it no program sums φ(k)). The scan is sequential, so the state is split
-    into blocks to run many of them at once."""
+            S_PART: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
+    """Scan the chunks of one state head, for one block of features: S_c of one block of value columns
+    (S_PART), or z_c (Z), before each chunk (STORE_CHUNKS), and the final state. The scan is sequential,
+    so the state is split into blocks to run many of them at once; the launcher runs the z scans as
+    programs of their own, so that the sum of φ(k) over each chunk stays off the S scans' path."""
     pv = tl.program_id(0)
     pk = tl.program_id(1)
     bh = tl.program_id(2)
@@ -126,29 +128,26 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
     rk = pk * BK + tl.arange(0, BK)
     rv = pv * BV + tl.arange(0, BV)
     state_mask = (rk[:, None] < D) & (rv[None, :] < DV)
+    s = tl.zeros((BK, BV), dtype=tl.float32)
     z = tl.zeros((BK,), dtype=tl.float32)
     if INITIAL:
-        s = tl.load(s0_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], mask=state_mask, other=0.0)
+        if S_PART:
+            s = tl.load(s0_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], mask=state_mask, other=0.0)
         if Z:
             z = tl.load(z0_ptr + bh * D + rk, mask=rk < D, other=0.0)
-    else:
-        s = tl.zeros((BK, BV), dtype=tl.float32)
     rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + hs).to(tl.float32)
     for c in range(NC):
         t0 = c * BT
         if STORE_CHUNKS:
-            tl.store(s_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
-                     s.to(s_ptr.dtype.element_ty), mask=state_mask)
+            if S_PART:
+                tl.store(s_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
+                         s.to(s_ptr.dtype.element_ty), mask=state_mask)
             if Z:
-                if pv == 0:
-                    tl.store(z_ptr + (bh * NC + c) * D + rk, z, mask=rk < D)
+                tl.store(z_ptr + (bh * NC + c) * D + rk, z, mask=rk < D)
         _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                                 BT, BK, FMAP, PADDED, pk * BK)
-        rt = t0 + tl.arange(0, BT)
-        v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :],
-                    mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
         if DECAY:
             n = tl.minimum(T - t0, BT)
             weight = tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))
@@ -156,15 +155,18 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
             phik = phik * weight[:, None]
             chunk_decay = tl.exp(-rate * n.to(tl.float32))
             s = s * chunk_decay
-            if Z:
-                z = z * chunk_decay
-        s += tl.dot(tl.trans(phik.to(v.dtype)), v, input_precision=PRECISION)
+            z = z * chunk_decay
+        if S_PART:
+            rt = t0 + tl.arange(0, BT)
+            v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :],
+                        mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
+            s += tl.dot(tl.trans(phik.to(v.dtype)), v, input_precision=PRECISION)
         if Z:
             z += tl.sum(phik, axis=0)
-    tl.store(fs_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], s, mask=state_mask)
+    if S_PART:
+        tl.store(fs_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], s, mask=state_mask)
     if Z:
-        if pv == 0:
-            tl.store(fz_ptr + bh * D + rk, z, mask=rk < D)
+        tl.store(fz_ptr + bh * D + rk, z, mask=rk < D)
 
 
 @triton.jit
@@ -233,9 +235,11 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
 def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
              T, NC, H, D, DV, stride_qb, stride_qh, stride_qt,
              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, FMAP: tl.constexpr,
-             DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
-    """Reverse scan of one query head: G_c = ∂L/∂S_{c+1} (and dz_c, with Z: δ is given) for every chunk c
-    (causal), or the totals Σ_t φ(q_t) g̃_tᵀ and Σ_t φ(q_t) δ_t (bidirectional)."""
+             DECAY: tl.constexpr, CAUSAL: tl.constexpr, G_PART: tl.constexpr, Z: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Reverse scan of one query head, one block of features: G_c = ∂L/∂S_{c+1} of one block of value
+    columns (G_PART), or dz_c (Z: δ is given), for every chunk c (causal), or the totals Σ_t φ(q_t) g̃_tᵀ and
+    Σ_t φ(q_t) δ_t (bidirectional). As in _states, the dz scans are programs of their own."""
     pv = tl.program_id(0)
     pk = tl.program_id(1)
     bh = tl.program_id(2)
@@ -254,34 +258,34 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
         t0 = c * BT
         rt = t0 + tl.arange(0, BT)
         if CAUSAL:
-            tl.store(ds_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
-                     g_state.to(ds_ptr.dtype.element_ty), mask=state_mask)
+            if G_PART:
+                tl.store(ds_ptr + ((bh * NC + c) * D + rk[:, None]) * DV + rv[None, :],
+                         g_state.to(ds_ptr.dtype.element_ty), mask=state_mask)
             if Z:
-                if pv == 0:
-                    tl.store(dz_ptr + (bh * NC + c) * D + rk, dz, mask=rk < D)
+                tl.store(dz_ptr + (bh * NC + c) * D + rk, dz, mask=rk < D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :],
                     mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0)
         phiq = tl.where((rt[:, None] < T) & (rk[None, :] < D), _phi(q.to(tl.float32), FMAP), 0.0)
-        g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=(rt[:, None] < T) & (rv[None, :] < DV),
-                    other=0.0)
         if DECAY:
             n = tl.minimum(T - t0, BT)
             q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
             phiq = phiq * q_decay[:, None]
             chunk_decay = tl.exp(-rate * n.to(tl.float32))
             g_state = g_state * chunk_decay
-            if Z:
-                dz = dz * chunk_decay
-        g_state += tl.dot(tl.trans(phiq.to(g.dtype)), g, input_precision=PRECISION)
+            dz = dz * chunk_decay
+        if G_PART:
+            g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :],
+                        mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
+            g_state += tl.dot(tl.trans(phiq.to(g.dtype)), g, input_precision=PRECISION)
         if Z:
             d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
             dz += tl.sum(phiq * d[:, None], axis=0)
     if not CAUSAL:
-        tl.store(ds_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], g_state.to(ds_ptr.dtype.element_ty),
-                 mask=state_mask)
+        if G_PART:
+            tl.store(ds_ptr + (bh * D + rk[:, None]) * DV + rv[None, :], g_state.to(ds_ptr.dtype.element_ty),
+                     mask=state_mask)
         if Z:
-            if pv == 0:
-                tl.store(dz_ptr + bh * D + rk, dz, mask=rk < D)
+            tl.store(dz_ptr + bh * D + rk, dz, mask=rk < D)
 
 
 @triton.jit
@@ -540,12 +544,14 @@ def linear_fwd(q, k, v, *, key_padding=None, decay=None, causal: bool, feature_m
     initial = initial_state is not None
     s0, z0 = initial_state if initial else (final_s, final_z)
     bk_scan, bv_scan = min(BK, cfg.states_bk), min(BVS, cfg.states_bv)
-    _states[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * HS)](
-        k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
-        T, NC, HS, HKV, D, DV, *launch.strides(k), *launch.strides(v), stride_kpb,
-        BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded, DECAY=has_decay,
-        STORE_CHUNKS=causal, INITIAL=initial, Z=z_wanted, PRECISION=precision, num_warps=cfg.states_warps,
-        num_stages=cfg.states_stages)
+    scan = dict(BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), PADDED=padded,
+                DECAY=has_decay, STORE_CHUNKS=causal, INITIAL=initial, PRECISION=precision,
+                num_warps=cfg.states_warps, num_stages=cfg.states_stages)
+    args = (k, v, kp, rates, chunk_states, chunk_z, final_s, final_z, s0.contiguous(), z0.contiguous(),
+            T, NC, HS, HKV, D, DV, *launch.strides(k), *launch.strides(v), stride_kpb)
+    _states[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * HS)](*args, S_PART=True, Z=False, **scan)
+    if z_wanted:
+        _states[(1, triton.cdiv(D, bk_scan), B * HS)](*args, S_PART=False, Z=True, **scan)
     o = launch.alloc((B, H, T, DV), out_dtype or q.dtype, q.device)
     den = launch.alloc((B, H, T), torch.float32, q.device) if z_wanted else _nothing(q)
     states = (chunk_states, chunk_z) if causal else (final_s.to(state_dtype), final_z)
@@ -594,10 +600,12 @@ def linear_bwd(g, d, q, k, v, states, *, key_padding=None, decay=None, causal: b
     dstates = launch.alloc((B, H, n_states, D, DV), state_dtype, q.device)
     dz = launch.alloc((B, H, n_states, D), torch.float32, q.device) if with_den else g
     bk_scan, bv_scan = min(BK, cfg.dstates_bk), min(BV, cfg.dstates_bv)
-    _dstates[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * H)](
-        q, g, d, rates, dstates, dz, T, NC, H, D, DV, *launch.strides(q),
-        BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay, CAUSAL=causal,
-        Z=with_den, PRECISION=precision, num_warps=cfg.dstates_warps, num_stages=cfg.dstates_stages)
+    scan = dict(BT=CHUNK, BK=bk_scan, BV=bv_scan, FMAP=FEATURE_MAPS.index(feature_map), DECAY=has_decay,
+                CAUSAL=causal, PRECISION=precision, num_warps=cfg.dstates_warps, num_stages=cfg.dstates_stages)
+    args = (q, g, d, rates, dstates, dz, T, NC, H, D, DV, *launch.strides(q))
+    _dstates[(triton.cdiv(DV, bv_scan), triton.cdiv(D, bk_scan), B * H)](*args, G_PART=True, Z=False, **scan)
+    if with_den:
+        _dstates[(1, triton.cdiv(D, bk_scan), B * H)](*args, G_PART=False, Z=True, **scan)
     group = H // HKV
     kv_dtype = torch.float32 if group > 1 else k.dtype  # per query head: a GQA group sums them in fp32 below
     dq = launch.alloc((B, H, T, D), q.dtype, q.device)
