@@ -150,8 +150,7 @@ def _states(k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, fs_ptr, fz_ptr, s0_ptr
                                 BT, BK, FMAP, PADDED, pk * BK)
         if DECAY:
             n = tl.minimum(T - t0, BT)
-            weight = tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))
-            weight = tl.where(tl.arange(0, BT) < n, weight, 0.0)
+            weight = tl.where(tl.arange(0, BT) < n, _key_decay(rate, T, t0, BT), 0.0)
             phik = phik * weight[:, None]
             chunk_decay = tl.exp(-rate * n.to(tl.float32))
             s = s * chunk_decay
@@ -201,9 +200,10 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
     if Z:
         z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
         den = tl.sum(phiq * z[None, :], axis=1)
+    rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
-        q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
+        q_decay = _query_decay(rate, BT)
         num = num * q_decay[:, None]
         if Z:
             den = den * q_decay
@@ -212,13 +212,8 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
                                 BT, BK, FMAP, PADDED)
         v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :],
                     mask=(rt[:, None] < T) & (rv[None, :] < DV), other=0.0)
-        a = tl.dot(phiq.to(dtype), tl.trans(phik.to(dtype)), input_precision=PRECISION)
-        i = tl.arange(0, BT)[:, None]
-        j = tl.arange(0, BT)[None, :]
-        if DECAY:
-            a = tl.where(j <= i, a * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32)), 0.0)
-        else:
-            a = tl.where(j <= i, a, 0.0)
+        a = _intra(tl.dot(phiq.to(dtype), tl.trans(phik.to(dtype)), input_precision=PRECISION), rate, BT, DECAY,
+                   False)
         num += tl.dot(a.to(v.dtype), v, input_precision=PRECISION)
         if Z:
             den += tl.sum(a, axis=1)
@@ -268,8 +263,7 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
         phiq = tl.where((rt[:, None] < T) & (rk[None, :] < D), _phi(q.to(tl.float32), FMAP), 0.0)
         if DECAY:
             n = tl.minimum(T - t0, BT)
-            q_decay = tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
-            phiq = phiq * q_decay[:, None]
+            phiq = phiq * _query_decay(rate, BT)[:, None]
             chunk_decay = tl.exp(-rate * n.to(tl.float32))
             g_state = g_state * chunk_decay
             dz = dz * chunk_decay
@@ -289,6 +283,63 @@ def _dstates(q_ptr, g_ptr, d_ptr, rate_ptr, ds_ptr, dz_ptr,
 
 
 @triton.jit
+def _chunk(T, H, HKV, D, DV, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A gradient program's chunk and query head (grid (chunks, B·H)), its rows and columns:
+    (c, bh, b, h, kvh, t0, rt, rk, rv, row_k, row_v)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t0 = c * BT
+    rt = t0 + tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = tl.arange(0, BV)
+    return (c, bh, b, h, h // (H // HKV), t0, rt, rk, rv, (rt[:, None] < T) & (rk[None, :] < D),
+            (rt[:, None] < T) & (rv[None, :] < DV))
+
+
+@triton.jit
+def _state_tile(ptr, index, rk, rv, D, DV):
+    """State `index` (an S_c or a G_c) of a [..., D, Dv] buffer, at features rk and value columns rv."""
+    return tl.load(ptr + (index * D + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
+                   other=0.0)
+
+
+@triton.jit
+def _query_features(q_ptr, b, h, rt, rk, row_k, stride_qb, stride_qh, stride_qt, FMAP: tl.constexpr):
+    """(q, φ(q) in q's dtype, 0 past T and D) of the rows rt."""
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k, other=0.0)
+    return q, tl.where(row_k, _phi(q.to(tl.float32), FMAP), 0.0).to(q.dtype)
+
+
+@triton.jit
+def _query_decay(rate, BT: tl.constexpr):
+    """λ^(i+1) of the chunk's rows i: the decay from the state before the chunk to each query."""
+    return tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))
+
+
+@triton.jit
+def _key_decay(rate, T, t0, BT: tl.constexpr):
+    """λ^(n-1-j) of the chunk's keys j (n keys): the decay from each key to the state after the chunk."""
+    return tl.exp(-rate * tl.maximum(tl.minimum(T - t0, BT) - 1 - tl.arange(0, BT), 0).to(tl.float32))
+
+
+@triton.jit
+def _intra(x, rate, BT: tl.constexpr, DECAY: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """An intra-chunk tile, [rows, keys] (or [keys, rows]: KEYS_FIRST), with the causal mask and the decay
+    λ^(i-j) of row i and key j applied."""
+    if KEYS_FIRST:
+        j = tl.arange(0, BT)[:, None]
+        i = tl.arange(0, BT)[None, :]
+    else:
+        i = tl.arange(0, BT)[:, None]
+        j = tl.arange(0, BT)[None, :]
+    if DECAY:
+        x = x * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
+    return tl.where(j <= i, x, 0.0)
+
+
+@triton.jit
 def _grads_q(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, g_ptr, d_ptr, dq_ptr,
              T, NC, H, HS, HKV, D, DV,
              stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
@@ -297,31 +348,21 @@ def _grads_q(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, g_ptr, d_ptr, 
              DECAY: tl.constexpr, CAUSAL: tl.constexpr, Z: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one chunk of one query head (all value columns: BV >= DV): through S_c, and inside the chunk.
     Without Z there is no δ (nothing reads den), so no term through z."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
+    c, bh, b, h, kvh, t0, rt, rk, rv, row_k, row_v = _chunk(T, H, HKV, D, DV, BT, BK, BV)
     hs = h if DECAY else kvh
-    t0 = c * BT
-    rt = t0 + tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    row_k = (rt[:, None] < T) & (rk[None, :] < D)
-    row_v = (rt[:, None] < T) & (rv[None, :] < DV)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k, other=0.0)
     dtype = q.dtype
     g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0)
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
-    s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :], mask=(rk[:, None] < D) & (rv[None, :] < DV),
-                other=0.0)
+    s = _state_tile(s_ptr, state, rk, rv, D, DV)
     dphiq = tl.dot(g.to(s.dtype), tl.trans(s), input_precision=PRECISION)  # through S_c
     if Z:
         d = tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)
         dphiq += d[:, None] * tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)[None, :]
+    rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
-        dphiq = dphiq * tl.exp(-rate * (tl.arange(0, BT) + 1).to(tl.float32))[:, None]
+        dphiq = dphiq * _query_decay(rate, BT)[:, None]
     if CAUSAL:
         _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                                 BT, BK, FMAP, PADDED)
@@ -330,11 +371,7 @@ def _grads_q(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, g_ptr, d_ptr, 
         da = tl.dot(g.to(dtype), tl.trans(v), input_precision=PRECISION)  # [rows, keys]
         if Z:
             da += d[:, None]
-        i = tl.arange(0, BT)[:, None]
-        j = tl.arange(0, BT)[None, :]
-        if DECAY:
-            da = da * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
-        da = tl.where(j <= i, da, 0.0)
+        da = _intra(da, rate, BT, DECAY, False)
         dphiq += tl.dot(da.to(dtype), phik.to(dtype), input_precision=PRECISION)
     dq = dphiq * _dphi(q.to(tl.float32), FMAP)
     tl.store(dq_ptr + (bh * T + rt[:, None]) * D + rk[None, :], dq.to(dq_ptr.dtype.element_ty), mask=row_k)
@@ -350,43 +387,26 @@ def _grads_k(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, ds_ptr, dz_ptr, g_ptr, d_ptr
     """One query head's share of dk of one chunk (all value columns): through G_c, and inside the chunk, whose
     score gradients are built as [keys, rows] (v·g̃ᵀ) so the dk product takes them untransposed. Without Z
     there is no δ, so no term through dz."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    t0 = c * BT
-    rt = t0 + tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    row_k = (rt[:, None] < T) & (rk[None, :] < D)
-    row_v = (rt[:, None] < T) & (rv[None, :] < DV)
+    c, bh, b, h, kvh, t0, rt, rk, rv, row_k, row_v = _chunk(T, H, HKV, D, DV, BT, BK, BV)
     v = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + rt[:, None] * stride_vt + rv[None, :], mask=row_v,
                 other=0.0)
     dtype = v.dtype
     dstate = bh * NC + c if CAUSAL else bh
-    gs = tl.load(ds_ptr + (dstate * D + rk[:, None]) * DV + rv[None, :],
-                 mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
+    gs = _state_tile(ds_ptr, dstate, rk, rv, D, DV)
     dphik = tl.dot(v.to(gs.dtype), tl.trans(gs), input_precision=PRECISION)  # through G_c
     if Z:
         dphik += tl.load(dz_ptr + dstate * D + rk, mask=rk < D, other=0.0)[None, :]
+    rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
-        n = tl.minimum(T - t0, BT)
-        dphik = dphik * tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))[:, None]
+        dphik = dphik * _key_decay(rate, T, t0, BT)[:, None]
     if CAUSAL:
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k,
-                    other=0.0)
-        phiq = tl.where(row_k, _phi(q.to(tl.float32), FMAP), 0.0).to(dtype)
+        _, phiq = _query_features(q_ptr, b, h, rt, rk, row_k, stride_qb, stride_qh, stride_qt, FMAP)
         g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0).to(dtype)
         dat = tl.dot(v, tl.trans(g), input_precision=PRECISION)  # [keys, rows]
         if Z:
             dat += tl.load(d_ptr + bh * T + rt, mask=rt < T, other=0.0)[None, :]
-        j = tl.arange(0, BT)[:, None]
-        i = tl.arange(0, BT)[None, :]
-        if DECAY:
-            dat = dat * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
-        dat = tl.where(j <= i, dat, 0.0)
+        dat = _intra(dat, rate, BT, DECAY, True)
         dphik += tl.dot(dat.to(dtype), phiq, input_precision=PRECISION)
     k, _, inside = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                               BT, BK, FMAP, PADDED)
@@ -402,39 +422,22 @@ def _grads_v(q_ptr, k_ptr, kp_ptr, rate_ptr, ds_ptr, g_ptr, dv_ptr,
              DECAY: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """One query head's share of dv of one chunk (all value columns): through G_c, and inside the chunk, whose
     weights are built as [keys, rows] (φ(k)·φ(q)ᵀ) so the dv product takes them untransposed."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // (H // HKV)
-    t0 = c * BT
-    rt = t0 + tl.arange(0, BT)
-    rk = tl.arange(0, BK)
-    rv = tl.arange(0, BV)
-    row_k = (rt[:, None] < T) & (rk[None, :] < D)
-    row_v = (rt[:, None] < T) & (rv[None, :] < DV)
+    c, bh, b, h, kvh, t0, rt, rk, rv, row_k, row_v = _chunk(T, H, HKV, D, DV, BT, BK, BV)
     _, phik, _ = _load_keys(k_ptr, kp_ptr, b, kvh, t0, T, stride_kb, stride_kh, stride_kt, stride_kpb, D,
                             BT, BK, FMAP, PADDED)
     dstate = bh * NC + c if CAUSAL else bh
-    gs = tl.load(ds_ptr + (dstate * D + rk[:, None]) * DV + rv[None, :],
-                 mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
+    gs = _state_tile(ds_ptr, dstate, rk, rv, D, DV)
     dtype = gs.dtype
     dv = tl.dot(phik.to(dtype), gs, input_precision=PRECISION)  # through G_c
+    rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
-        n = tl.minimum(T - t0, BT)
-        dv = dv * tl.exp(-rate * tl.maximum(n - 1 - tl.arange(0, BT), 0).to(tl.float32))[:, None]
+        dv = dv * _key_decay(rate, T, t0, BT)[:, None]
     if CAUSAL:
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :], mask=row_k,
-                    other=0.0)
-        phiq = tl.where(row_k, _phi(q.to(tl.float32), FMAP), 0.0).to(q.dtype)
+        q, phiq = _query_features(q_ptr, b, h, rt, rk, row_k, stride_qb, stride_qh, stride_qt, FMAP)
         g = tl.load(g_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], mask=row_v, other=0.0).to(q.dtype)
         at = tl.dot(phik.to(q.dtype), tl.trans(phiq), input_precision=PRECISION)  # [keys, rows]
-        j = tl.arange(0, BT)[:, None]
-        i = tl.arange(0, BT)[None, :]
-        if DECAY:
-            at = at * tl.exp(-rate * tl.maximum(i - j, 0).to(tl.float32))
-        at = tl.where(j <= i, at, 0.0)
+        at = _intra(at, rate, BT, DECAY, True)
         dv += tl.dot(at.to(q.dtype), g, input_precision=PRECISION)
     tl.store(dv_ptr + (bh * T + rt[:, None]) * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=row_v)
 
