@@ -188,18 +188,17 @@ def _output(q_ptr, k_ptr, v_ptr, kp_ptr, rate_ptr, s_ptr, z_ptr, o_ptr, den_ptr,
     rt = t0 + tl.arange(0, BT)
     rk = tl.arange(0, BK)
     rv = pv * BV + tl.arange(0, BV)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rt[:, None] * stride_qt + rk[None, :],
-                mask=(rt[:, None] < T) & (rk[None, :] < D), other=0.0)
-    dtype = q.dtype
-    phiq = tl.where(rk[None, :] < D, _phi(q.to(tl.float32), FMAP), 0.0)
+    # φ(q) in q's dtype: what the tile products take, and den from the same rounded features as num
+    _, phiq = _query_features(q_ptr, b, h, rt, rk, (rt[:, None] < T) & (rk[None, :] < D), stride_qb, stride_qh,
+                              stride_qt, FMAP)
+    dtype = phiq.dtype
     state = (b * HS + hs) * NC + c if CAUSAL else b * HS + hs
-    s = tl.load(s_ptr + (state * D + rk[:, None]) * DV + rv[None, :],
-                mask=(rk[:, None] < D) & (rv[None, :] < DV), other=0.0)
+    s = _state_tile(s_ptr, state, rk, rv, D, DV)
     num = tl.dot(phiq.to(s.dtype), s, input_precision=PRECISION)
     den = tl.zeros((BT,), dtype=tl.float32)
     if Z:
         z = tl.load(z_ptr + state * D + rk, mask=rk < D, other=0.0)
-        den = tl.sum(phiq * z[None, :], axis=1)
+        den = tl.sum(phiq.to(tl.float32) * z[None, :], axis=1)
     rate = 0.0
     if DECAY:
         rate = tl.load(rate_ptr + h).to(tl.float32)
