@@ -26,8 +26,6 @@ h // (H // Hkv). ``key_padding`` is bool [B, Tk], True = real token. Outputs are
 from __future__ import annotations
 
 import functools
-import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -519,12 +517,8 @@ def flash_config(head_dim: int, pattern: str = "dense") -> FlashConfig:
 
     ``ATTNCC_FLASH_CONFIG`` (a JSON list of FlashConfig's ten fields) overrides it, for tuning.
     """
-    override = os.environ.get("ATTNCC_FLASH_CONFIG")
-    if override:
-        return FlashConfig(*json.loads(override))
-    if launch.interpreting():
-        return _INTERPRETER_CONFIG
-    return _GPU_CONFIGS.get((head_dim, pattern), _GPU_CONFIGS[head_dim])
+    return launch.tiles("ATTNCC_FLASH_CONFIG", FlashConfig, _INTERPRETER_CONFIG,
+                        _GPU_CONFIGS.get((head_dim, pattern), _GPU_CONFIGS.get(head_dim)))
 
 
 def supports(head_dim: int, dtype: torch.dtype) -> tuple[bool, str]:
